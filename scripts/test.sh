@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Install zimage and its test tools into .venv, then lint and run the whole test suite on the CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/install.sh
+.venv/bin/python -m pip install -q -r requirements-test.txt
+# The browser test drives Debian's Chromium through Playwright (no browser download).
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "warning: could not install chromium; the browser test will fail" >&2
+fi
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+exec .venv/bin/python -m pytest -q --timeout=600 "$@"

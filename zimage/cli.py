@@ -1,0 +1,202 @@
+"""`python -m zimage serve|generate|bench|doctor`.
+
+Bad input exits with code 2 and one clear line; a model that cannot be found exits with 3;
+a failure while generating exits with 1. Never a traceback for the user's mistakes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .settings import Settings, SettingsError, add_arguments, from_namespace
+
+EXIT_BAD_INPUT = 2
+EXIT_NO_MODEL = 3
+EXIT_FAILED = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse's own code too)
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def build_parser(prog: str = "python -m zimage") -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=prog,
+        description="zimage: a self-hosted studio for Z-Image-Turbo. Every setting can also come from "
+        "the environment (ZIMAGE_<NAME>) or a YAML file (zimage.yaml).",
+    )
+    add_arguments(parser)  # settings may come before the command too; --help lists them all
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p_serve = sub.add_parser("serve", help="Start the web studio (same as python app.py).")
+    add_arguments(p_serve)
+
+    p_gen = sub.add_parser("generate", help="Generate images from the command line.")
+    p_gen.add_argument("--prompt", required=True, help="What to draw.")
+    p_gen.add_argument("--negative-prompt", default="", help="What to avoid (only used when guidance > 0).")
+    p_gen.add_argument("--output", "-o", default="result.png", help="PNG file to write (default result.png).")
+    p_gen.add_argument("--seed", default="-1", help="Seed; -1 picks a random one, which is printed.")
+    p_gen.add_argument("--width", default=None, help="Width in pixels (multiple of 16).")
+    p_gen.add_argument("--height", default=None, help="Height in pixels (multiple of 16).")
+    p_gen.add_argument("--steps", default=None, help="Denoising steps (default 8).")
+    p_gen.add_argument("--guidance", default="0", help="Guidance scale, 0-10 (default 0: no guidance).")
+    p_gen.add_argument("--count", default="1", help="How many images (seeds s, s+1, ...).")
+    p_gen.add_argument("--json", action="store_true", help="Print the result as JSON.")
+    add_arguments(p_gen)
+
+    p_bench = sub.add_parser("bench", help="Benchmark loading and generation (GPU machine).")
+    p_bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="Arguments for the benchmark (see bench --help).")
+
+    p_doc = sub.add_parser("doctor", help="Show the settings in effect, the hardware and the memory plan.")
+    add_arguments(p_doc)
+    return parser
+
+
+def _settings(ns: argparse.Namespace) -> Settings:
+    return from_namespace(ns)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.command is None:
+        parser.print_help()
+        return 0
+    try:
+        if ns.command == "bench":
+            from .bench import main as bench_main
+
+            return bench_main(ns.bench_args)
+        settings = _settings(ns)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    logging.basicConfig(
+        level=getattr(logging, settings.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if ns.command == "serve":
+        from .server import run
+
+        return run(settings)
+    if ns.command == "generate":
+        return _generate(ns, settings)
+    if ns.command == "doctor":
+        return _doctor(settings)
+    parser.print_help()
+    return EXIT_BAD_INPUT
+
+
+def _generate(ns: argparse.Namespace, settings: Settings) -> int:
+    from .engine import Engine
+    from .loading import ModelNotFound
+    from .requests import GenerationRequest, InvalidRequest, ZImageError, validate
+    from .store import write_png
+
+    # Validate what the user typed before paying for the model.
+    engine = Engine(settings.replace(warmup=False))
+    w, h = engine.default_size
+    raw = GenerationRequest(
+        prompt=ns.prompt,
+        negative_prompt=ns.negative_prompt,
+        width=ns.width if ns.width is not None else w,
+        height=ns.height if ns.height is not None else h,
+        steps=ns.steps if ns.steps is not None else settings.default_steps,
+        guidance=ns.guidance,
+        seed=ns.seed,
+        count=ns.count,
+        user="cli",
+    )
+    try:
+        request = validate(raw, engine.limits)
+    except InvalidRequest as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    output = Path(ns.output)
+    if output.suffix.lower() != ".png":
+        print(f"error: Output must be a .png file (got {str(output)!r}).", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if output.exists() and output.is_dir():
+        print(f"error: Output {output} is a folder; give a file name such as {output / 'result.png'}.", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        engine.load()
+        result = engine.generate(request, save=False)
+    except ModelNotFound as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_NO_MODEL
+    except InvalidRequest as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ZImageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    import time
+
+    paths = []
+    t0 = time.perf_counter()
+    for i, (image, seed) in enumerate(zip(result.images, result.seeds)):
+        path = output if len(result.images) == 1 else output.with_name(f"{output.stem}-{i + 1}{output.suffix}")
+        meta = engine._metadata(result, seed) if settings.png_metadata else None
+        write_png(image, path, meta, settings.png_compress_level)
+        paths.append(path)
+    result.timings.png = time.perf_counter() - t0
+    t = result.timings
+    if ns.json:
+        import json
+
+        print(
+            json.dumps(
+                {
+                    "paths": [str(p) for p in paths],
+                    "seeds": result.seeds,
+                    "size": [request.width, request.height],
+                    "memory_mode": result.memory_mode,
+                    "timings": t.as_dict(),
+                    "load": engine.timeline.snapshot(),
+                }
+            )
+        )
+    else:
+        for path, seed in zip(paths, result.seeds):
+            print(f"wrote {path} (seed {seed}, {request.width}x{request.height})")
+        print(f"model {result.model} on {result.device}, memory mode {result.memory_mode}")
+        print(
+            f"stages: text encoder {t.text_encoder:.3f}s | {len(t.steps)} steps {t.denoise:.3f}s "
+            f"({t.it_per_s:.2f} it/s) | VAE decode {t.vae_decode:.3f}s | to host {t.to_host:.3f}s | "
+            f"PNG {t.png:.3f}s"
+        )
+        print(
+            f"image ready {t.gpu_total:.3f}s after the request; model ready {engine.timeline.ready_at:.1f}s after start"
+        )
+    return 0
+
+
+def _doctor(settings: Settings) -> int:
+    from .loading import ModelNotFound, footprint, resolve_model
+    from .memory import choose_mode, probe_hardware
+    from .settings import describe
+
+    print("settings in effect:")
+    for name, value, _help in describe(settings):
+        print(f"  {name} = {value!r}")
+    hw = probe_hardware()
+    print(f"hardware: {hw.describe()}")
+    try:
+        source = resolve_model(settings)
+    except ModelNotFound as exc:
+        print(f"model: not found: {exc}")
+        return EXIT_NO_MODEL
+    fp = footprint(source, settings.trim_text_encoder)
+    print(
+        f"model: {source.name} at {source.path} (transformer {fp.transformer / 2**30:.2f} GiB, "
+        f"text encoder {fp.text_encoder / 2**30:.2f} GiB, VAE {fp.vae / 2**30:.3f} GiB)"
+    )
+    plan = choose_mode(hw, fp, settings.memory_mode)
+    print(f"memory mode: {plan.describe()}")
+    return 0

@@ -1,0 +1,422 @@
+"""Finding the model and building the pipeline once, each component placed where the memory plan says."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .requests import ZImageError
+from .settings import DEFAULT_MODEL, Settings
+
+log = logging.getLogger(__name__)
+
+COMPONENTS = ("text_encoder", "transformer", "vae")
+HUB_PATTERNS = [
+    "model_index.json",
+    "*/config.json",
+    "*/*.safetensors",
+    "*/*.safetensors.index.json",
+    "scheduler/*",
+    "tokenizer/*",
+]
+
+
+class ModelNotFound(ZImageError):
+    """The model could not be found or downloaded; the message says where we looked and what to do."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    path: Path
+    name: str  # what the user asked for: repo id, folder or "tiny"
+    kind: str  # "hub", "local", "tiny"
+
+
+def _advice(settings_model: str) -> str:
+    return (
+        "Set ZIMAGE_MODEL (or --model) to a local folder holding the model in the diffusers "
+        "layout (a downloaded snapshot of Tongyi-MAI/Z-Image-Turbo), run once with network "
+        "access so it can be downloaded into the Hugging Face cache, or use --model tiny for "
+        "the offline demo."
+    )
+
+
+def resolve_model(settings: Settings) -> ModelSource:
+    """Where the model's files are: the tiny model (built on first use), a folder, or the hub cache."""
+    model = settings.model
+    if model == "tiny":
+        from .tiny import ensure_tiny
+
+        return ModelSource(ensure_tiny(settings.tiny_dir), "tiny", "tiny")
+
+    path = Path(model).expanduser()
+    looks_like_path = model.startswith((".", "/", "~")) or os.sep in model.strip("/").split("/", 1)[-1]
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelNotFound(
+                f"Folder {path} has no model_index.json, so it is not a model in the diffusers layout. "
+                + _advice(model)
+            )
+        return ModelSource(path.resolve(), model, "local")
+    if looks_like_path or path.exists():
+        raise ModelNotFound(f"Model folder {path} does not exist. " + _advice(model))
+
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        snapshot = snapshot_download(
+            repo_id=model,
+            revision=settings.revision,
+            allow_patterns=HUB_PATTERNS,
+        )
+    except Exception as exc:  # noqa: BLE001 - every hub failure becomes one clear message
+        offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelNotFound(
+            f"Model '{model}' is not in the Hugging Face cache at {constants.HF_HUB_CACHE} and could not "
+            f"be downloaded{offline}: {reason[:300]}. " + _advice(model)
+        ) from None
+    path = Path(snapshot)
+    if not (path / "model_index.json").is_file():
+        raise ModelNotFound(f"The cached snapshot {path} of '{model}' has no model_index.json. " + _advice(model))
+    return ModelSource(path, model, "hub")
+
+
+def read_model_index(folder: Path) -> dict[str, Any]:
+    index = json.loads((folder / "model_index.json").read_text())
+    if index.get("_class_name") != "ZImagePipeline":
+        raise ModelNotFound(
+            f"{folder} holds a {index.get('_class_name')}, not a ZImagePipeline. zimage runs Z-Image models only."
+        )
+    return index
+
+
+# ------------------------------------------------------------------------------------------
+# sizes, known before anything is loaded
+
+
+def footprint(source: ModelSource, trim_text_encoder: bool = True):
+    """Bytes per component (read from the safetensors headers), for the memory policy."""
+    from .memory import Footprint
+    from .weights import index_folder
+
+    sizes: dict[str, int] = {}
+    block = layer = 0
+    for comp in COMPONENTS:
+        entries = index_folder(source.path / comp)
+        if comp == "text_encoder":
+            entries = _text_encoder_entries(entries, source.path / comp, trim_text_encoder)
+            per_layer: dict[str, int] = {}
+            for k, e in entries.items():
+                if k.startswith("layers."):
+                    per_layer[k.split(".")[1]] = per_layer.get(k.split(".")[1], 0) + e.nbytes
+            layer = max(per_layer.values(), default=0)
+        if comp == "transformer":
+            per_block: dict[str, int] = {}
+            for k, e in entries.items():
+                if k.startswith("layers."):
+                    per_block[k.split(".")[1]] = per_block.get(k.split(".")[1], 0) + e.nbytes
+            block = max(per_block.values(), default=0)
+        sizes[comp] = sum(e.nbytes for e in entries.values())
+    # Activation headroom scales with the model width; the real model needs about 3 GiB at 1024px.
+    big = sizes["transformer"] > 1 << 30
+    activations = int(3.0 * (1 << 30)) if big else 64 << 20
+    return Footprint(
+        sizes["transformer"],
+        sizes["text_encoder"],
+        sizes["vae"],
+        activations=activations,
+        transformer_block=block,
+        text_layer=layer,
+    )
+
+
+def _text_encoder_num_layers(folder: Path) -> int:
+    return int(json.loads((folder / "config.json").read_text())["num_hidden_layers"])
+
+
+def _text_encoder_entries(entries: dict, folder: Path, trim: bool) -> dict:
+    """Checkpoint keys -> Qwen3Model keys; without the last layer and norm when trimming."""
+    out = {}
+    last = _text_encoder_num_layers(folder) - 1
+    for name, e in entries.items():
+        key = name[len("model.") :] if name.startswith("model.") else name
+        if key.startswith("lm_head."):
+            continue
+        if trim and (key.startswith(f"layers.{last}.") or key.startswith("norm.")):
+            continue
+        out[key] = e
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# building components
+
+
+def _component_class(index: dict[str, Any], comp: str):
+    library, class_name = index[comp]
+    if library == "transformers":
+        import transformers
+
+        return getattr(transformers, class_name)
+    import diffusers
+
+    return getattr(diffusers, class_name)
+
+
+def _empty_component(cls, folder: Path):
+    from accelerate import init_empty_weights
+
+    if hasattr(cls, "load_config"):  # diffusers model
+        config = cls.load_config(folder)
+        with init_empty_weights():
+            return cls.from_config(config)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights():
+        return cls(config)
+
+
+def trim_text_encoder(module) -> None:
+    """Drop the last decoder layer and the final norm: the pipeline reads hidden_states[-2],
+    which is exactly the output of the layer before them, so the embeddings do not change."""
+    import torch
+
+    del module.layers[-1]
+    module.config.num_hidden_layers = len(module.layers)
+    module.norm = torch.nn.Identity()
+    module._zimage_trimmed = True
+
+
+def _finish(module, dtype, device):
+    import torch
+
+    module.eval()
+    module.requires_grad_(False)
+    # buffers made at construction (e.g. rotary inv_freq) still sit on the CPU
+    for mod in module.modules():
+        for name, buf in list(mod._buffers.items()):
+            if buf is not None and buf.device != torch.device(device) and device != "cpu":
+                mod._buffers[name] = buf.to(device)
+    return module
+
+
+def _pinned_like(entries: dict, dtype) -> dict:
+    """One pinned host buffer carved into 64-byte aligned tensors (no per-tensor rounding waste)."""
+    import torch
+
+    offsets, total = {}, 0
+    for name, e in entries.items():
+        n = e.nbytes if dtype in (None, e.dtype) else _numel(e.shape) * torch.empty((), dtype=dtype).element_size()
+        total = (total + 63) // 64 * 64
+        offsets[name] = (total, n)
+        total += n
+    buf = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=True)
+    out = {}
+    for name, e in entries.items():
+        off, n = offsets[name]
+        out[name] = buf[off : off + n].view(dtype or e.dtype).view(e.shape)
+    return out
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+@dataclass
+class LoadOptions:
+    dtype: Any  # torch.dtype
+    loader: str = "fast"
+    threads: int = 8
+    staging_mb: int = 64
+    pinned: bool = True
+    streams: bool = True
+    mmap: bool = False
+    parallel: bool = True
+    trim: bool = True
+
+    @classmethod
+    def from_settings(cls, s: Settings, dtype) -> LoadOptions:
+        return cls(
+            dtype=dtype,
+            loader=s.loader,
+            threads=s.load_threads if s.parallel_loading else 1,
+            staging_mb=s.staging_mb,
+            pinned=s.async_transfer,
+            streams=s.async_transfer,
+            mmap=s.mmap,
+            parallel=s.parallel_loading,
+            trim=s.trim_text_encoder,
+        )
+
+
+def load_components(
+    source: ModelSource,
+    placement: dict[str, str],
+    opts: LoadOptions,
+    progress: Callable[[str, float], None] | None = None,
+    pin_offloaded: bool = False,
+) -> dict[str, Any]:
+    """transformer, text_encoder, vae, tokenizer, scheduler: weights where `placement` says.
+
+    Components placed on "cpu" while a GPU exists are to be streamed or offloaded; with
+    pin_offloaded their weights land in pinned host memory so that copies run at DMA speed.
+    """
+    index = read_model_index(source.path)
+    import torch
+    from transformers import AutoTokenizer
+
+    folder = source.path
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    scheduler = _component_class(index, "scheduler").from_pretrained(folder / "scheduler")
+    modules: dict[str, Any] = {}
+
+    if opts.loader == "fast":
+        try:
+            modules = _load_fast(index, folder, placement, opts, progress, pin_offloaded)
+        except Exception as exc:  # noqa: BLE001 - fall back to the library loader, loudly
+            log.warning("fast loader failed (%s: %s); falling back to from_pretrained", type(exc).__name__, exc)
+            modules = {}
+    if not modules:
+        for comp in COMPONENTS:
+            cls = _component_class(index, comp)
+            dev = placement[comp]
+            kwargs: dict[str, Any] = {"dtype": opts.dtype}
+            if dev != "cpu":
+                kwargs["device_map"] = dev
+            m = cls.from_pretrained(folder / comp, **kwargs)
+            if comp == "text_encoder" and opts.trim:
+                trim_text_encoder(m)
+            modules[comp] = _finish(m, opts.dtype, dev)
+            if progress:
+                progress(comp, 1.0)
+        if pin_offloaded and torch.cuda.is_available():
+            for comp, dev in placement.items():
+                if dev == "cpu":
+                    for p in modules[comp].parameters():
+                        p.data = p.data.pin_memory()
+    modules["tokenizer"] = tokenizer
+    modules["scheduler"] = scheduler
+    return modules
+
+
+def _load_fast(index, folder: Path, placement, opts: LoadOptions, progress, pin_offloaded) -> dict[str, Any]:
+    import torch
+
+    from .weights import WeightReader, index_folder
+
+    empties: dict[str, Any] = {}
+    entries: dict[str, dict] = {}
+    for comp in COMPONENTS:
+        cls = _component_class(index, comp)
+        module = _empty_component(cls, folder / comp)
+        comp_entries = index_folder(folder / comp)
+        if comp == "text_encoder":
+            comp_entries = _text_encoder_entries(comp_entries, folder / comp, opts.trim)
+            if opts.trim:
+                trim_text_encoder(module)
+        empties[comp] = module
+        entries[comp] = comp_entries
+
+    total = sum(e.nbytes for es in entries.values() for e in es.values())
+    done_by: dict[str, int] = {}
+
+    def on_progress(comp: str):
+        def cb(done: int, _total: int) -> None:
+            done_by[comp] = done
+            if progress:
+                progress("weights", sum(done_by.values()) / max(total, 1))
+
+        return cb
+
+    def read(comp: str) -> dict[str, torch.Tensor]:
+        dev = placement[comp]
+        comp_entries = entries[comp]
+        gpu_exec = any(d.startswith("cuda") for d in placement.values())
+        if dev == "cpu" and pin_offloaded and gpu_exec and torch.cuda.is_available():
+            dest = _pinned_like(comp_entries, None)
+            reader = WeightReader(
+                "cpu", opts.threads, opts.staging_mb << 20, False, False, opts.mmap, on_progress(comp)
+            )
+            tensors = reader.read_into(comp_entries, dest)
+        else:
+            reader = WeightReader(
+                dev, opts.threads, opts.staging_mb << 20, opts.pinned, opts.streams, opts.mmap, on_progress(comp)
+            )
+            tensors = reader.read(comp_entries.values())
+            tensors = {k: tensors[e.name] for k, e in comp_entries.items()}
+        log.debug("read %s: %.2f GiB/s", comp, reader.stats.gib_per_s)
+        return tensors
+
+    # The text encoder runs first, so it is read first; the readers of one component already
+    # keep the disk busy with many requests, and components follow each other.
+    order = ("text_encoder", "transformer", "vae")
+    if opts.parallel:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=len(order), thread_name_prefix="load") as pool:
+            futures = {comp: pool.submit(read, comp) for comp in order}
+            states = {comp: f.result() for comp, f in futures.items()}
+    else:
+        states = {comp: read(comp) for comp in order}
+
+    out = {}
+    for comp in COMPONENTS:
+        module = empties[comp]
+        state = states.pop(comp)
+        state = {
+            k: (v if v.dtype == opts.dtype or not v.is_floating_point() else v.to(opts.dtype)) for k, v in state.items()
+        }
+        missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
+        # non-persistent buffers are never in a checkpoint
+        persistent_missing = [k for k in missing if k in dict(module.named_parameters())]
+        if persistent_missing or unexpected:
+            raise RuntimeError(
+                f"{comp}: checkpoint does not match the model "
+                f"(missing {persistent_missing[:3]}, unexpected {unexpected[:3]})"
+            )
+        out[comp] = _finish(module, opts.dtype, placement[comp])
+    return out
+
+
+def assemble(modules: dict[str, Any]):
+    from diffusers import ZImagePipeline
+
+    pipe = ZImagePipeline(
+        scheduler=modules["scheduler"],
+        vae=modules["vae"],
+        text_encoder=modules["text_encoder"],
+        tokenizer=modules["tokenizer"],
+        transformer=modules["transformer"],
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def timed(fn: Callable, *args, **kwargs) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0
+
+
+__all__ = [
+    "COMPONENTS",
+    "DEFAULT_MODEL",
+    "LoadOptions",
+    "ModelNotFound",
+    "ModelSource",
+    "assemble",
+    "footprint",
+    "load_components",
+    "resolve_model",
+]

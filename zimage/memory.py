@@ -1,0 +1,362 @@
+"""The one memory policy, the placement it implies, and out-of-memory handling.
+
+`choose_mode` is a pure function of the hardware and the model's size: the rest of the code
+asks it and never re-decides. Modes:
+
+- gpu:                every component resident on one GPU (fastest);
+- balanced:           transformer and VAE resident; the text encoder lives in pinned host
+                      memory and is streamed in a layer at a time on a side stream (16 GB cards);
+- lowvram:            the transformer's blocks are streamed too, the next one prefetched while
+                      the current one runs (8 GB cards);
+- multi-gpu:          components placed on different GPUs (text encoder on one, transformer
+                      and VAE on another), each loaded straight to its GPU;
+- model-offload:      diffusers' enable_model_cpu_offload();
+- sequential-offload: diffusers' enable_sequential_cpu_offload();
+- cpu:                no GPU: everything on the CPU in float32.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+GiB = 1 << 30
+
+# Order used by the OOM ladder: each mode falls back to the next one.
+LADDER = ("gpu", "balanced", "lowvram", "sequential-offload")
+STREAMING_MODES = ("balanced", "lowvram")
+
+
+@dataclass(frozen=True)
+class GPUInfo:
+    index: int
+    name: str
+    total: int  # bytes
+    free: int  # bytes
+
+
+@dataclass(frozen=True)
+class Hardware:
+    gpus: tuple[GPUInfo, ...] = ()
+    host_total: int = 0
+    host_available: int = 0
+
+    def describe(self) -> str:
+        if not self.gpus:
+            return f"no CUDA GPU; {self.host_total / GiB:.0f} GiB host RAM"
+        cards = ", ".join(f"{g.name} {g.free / GiB:.1f}/{g.total / GiB:.1f} GiB free" for g in self.gpus)
+        return f"{len(self.gpus)} GPU(s): {cards}; {self.host_available / GiB:.0f} GiB host RAM available"
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Bytes of each component's weights as they will sit in memory."""
+
+    transformer: int
+    text_encoder: int
+    vae: int
+    # Activation headroom for a 1024x1024 image: the VAE decoder's full-resolution feature
+    # maps dominate (about 2.6 GiB measured for the real model, see bench/results).
+    activations: int = int(3.0 * GiB)
+    # Streaming buffers: the largest transformer block and text-encoder layer, twice (current + prefetch).
+    transformer_block: int = 0
+    text_layer: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.transformer + self.text_encoder + self.vae
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    mode: str
+    reason: str
+    # component -> device string where its weights live ("cpu" for streamed/offloaded ones)
+    placement: dict[str, str] = field(default_factory=dict)
+    execution_device: str = "cpu"
+    # lowvram: bytes of transformer blocks that may stay resident beside the streamed ones
+    resident_budget: int = 0
+
+    def describe(self) -> str:
+        return f"{self.mode} ({self.reason})"
+
+
+def _fmt(n: int) -> str:
+    return f"{n / GiB:.1f} GiB"
+
+
+def choose_mode(hw: Hardware, fp: Footprint, requested: str = "auto", lowvram_resident: int = -1) -> MemoryPlan:
+    """Pick the memory mode for this hardware and model. Pure: no torch calls."""
+    if requested in STREAMING_MODES and not hw.gpus:
+        # No GPU: the streaming hooks still run (CPU to CPU), which is how tests cover them.
+        comp = dict.fromkeys(("transformer", "text_encoder", "vae"), "cpu")
+        return MemoryPlan(
+            requested, "set by the memory_mode setting; no GPU, so it streams CPU to CPU and saves nothing", comp, "cpu"
+        )
+    if requested not in ("auto", "cpu") and not hw.gpus:
+        return _plan("cpu", f"memory_mode={requested} needs a CUDA GPU and none was found", hw, fp)
+    if requested != "auto":
+        return _plan(requested, f"set by the memory_mode setting; {hw.describe()}", hw, fp, lowvram_resident)
+    if not hw.gpus:
+        return _plan("cpu", "no CUDA GPU found", hw, fp)
+
+    best = max(hw.gpus, key=lambda g: g.free)
+    need_all = fp.total + fp.activations
+    if best.free >= need_all:
+        return _plan(
+            "gpu",
+            f"all weights fit: need {_fmt(need_all)}, GPU {best.index} has {_fmt(best.free)} free",
+            hw,
+            fp,
+        )
+    if len(hw.gpus) > 1:
+        ranked = sorted(hw.gpus, key=lambda g: g.free, reverse=True)
+        main, other = ranked[0], ranked[1]
+        if main.free >= fp.transformer + fp.vae + fp.activations and other.free >= fp.text_encoder + GiB // 2:
+            return _plan(
+                "multi-gpu",
+                f"no single GPU holds {_fmt(need_all)}; transformer+VAE on GPU {main.index}, "
+                f"text encoder on GPU {other.index}",
+                hw,
+                fp,
+            )
+    streaming_te = 2 * fp.text_layer
+    if best.free >= fp.transformer + fp.vae + fp.activations + streaming_te:
+        if hw.host_available and hw.host_available < fp.text_encoder * 1.3:
+            log.warning("balanced mode wants %s of host RAM for the text encoder", _fmt(fp.text_encoder))
+        return _plan(
+            "balanced",
+            f"GPU {best.index} has {_fmt(best.free)} free: the transformer fits but not the text encoder "
+            f"too (need {_fmt(need_all)}); streaming the text encoder",
+            hw,
+            fp,
+        )
+    minimum = fp.vae + fp.activations + 2 * max(fp.transformer_block, fp.text_layer)
+    if best.free >= minimum:
+        return _plan(
+            "lowvram",
+            f"GPU {best.index} has {_fmt(best.free)} free, less than the transformer needs "
+            f"({_fmt(fp.transformer + fp.vae + fp.activations)}); streaming transformer blocks",
+            hw,
+            fp,
+            lowvram_resident,
+        )
+    return _plan(
+        "sequential-offload",
+        f"GPU {best.index} has only {_fmt(best.free)} free; offloading every layer",
+        hw,
+        fp,
+    )
+
+
+def _plan(mode: str, reason: str, hw: Hardware, fp: Footprint, lowvram_resident: int = -1) -> MemoryPlan:
+    if mode == "cpu" or not hw.gpus:
+        comp = dict.fromkeys(("transformer", "text_encoder", "vae"), "cpu")
+        return MemoryPlan("cpu", reason, comp, "cpu")
+    best = max(hw.gpus, key=lambda g: g.free)
+    dev = f"cuda:{best.index}"
+    if mode == "gpu":
+        placement = dict.fromkeys(("transformer", "text_encoder", "vae"), dev)
+    elif mode == "balanced":
+        placement = {"transformer": dev, "vae": dev, "text_encoder": "cpu"}
+    elif mode == "lowvram":
+        placement = {"transformer": "cpu", "vae": dev, "text_encoder": "cpu"}
+    elif mode == "multi-gpu":
+        ranked = sorted(hw.gpus, key=lambda g: g.free, reverse=True)
+        te_dev = f"cuda:{ranked[1].index}" if len(ranked) > 1 else dev
+        placement = {"transformer": dev, "vae": dev, "text_encoder": te_dev}
+    elif mode in ("model-offload", "sequential-offload"):
+        placement = dict.fromkeys(("transformer", "text_encoder", "vae"), "cpu")
+    else:
+        raise ValueError(f"unknown memory mode {mode!r}")
+    resident = 0
+    if mode == "lowvram":
+        if lowvram_resident >= 0:
+            resident = int(lowvram_resident)
+        else:
+            spare = best.free - (fp.vae + fp.activations + 2 * max(fp.transformer_block, fp.text_layer))
+            resident = max(0, int(spare * 0.8))
+    return MemoryPlan(mode, reason, placement, dev, resident)
+
+
+def next_lower(mode: str) -> str | None:
+    """The mode the OOM ladder falls back to, or None at the bottom."""
+    if mode in LADDER:
+        i = LADDER.index(mode)
+        return LADDER[i + 1] if i + 1 < len(LADDER) else None
+    return None
+
+
+# ------------------------------------------------------------------------------------------
+# hardware probing (the only impure part)
+
+
+def probe_hardware() -> Hardware:
+    import psutil
+    import torch
+
+    vm = psutil.virtual_memory()
+    gpus = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(i)
+            gpus.append(GPUInfo(i, torch.cuda.get_device_name(i), total, free))
+    return Hardware(tuple(gpus), vm.total, vm.available)
+
+
+def apply_memory_fraction(fraction: float, device: Any) -> None:
+    import torch
+
+    if fraction and torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(fraction, device)
+
+
+def capped_hardware(hw: Hardware, fraction: float) -> Hardware:
+    """What the policy should see when a memory fraction caps each GPU."""
+    if not fraction:
+        return hw
+    gpus = tuple(
+        GPUInfo(g.index, g.name, int(g.total * fraction), min(g.free, int(g.total * fraction))) for g in hw.gpus
+    )
+    return Hardware(gpus, hw.host_total, hw.host_available)
+
+
+# ------------------------------------------------------------------------------------------
+# errors
+
+
+def is_oom(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text.lower() and "CUDA" in text)
+
+
+_FATAL_MARKERS = (
+    "illegal memory access",
+    "device-side assert",
+    "unspecified launch failure",
+    "misaligned address",
+    "CUDA error: an illegal instruction",
+    "CUBLAS_STATUS_EXECUTION_FAILED",
+    "uncorrectable ECC error",
+)
+
+
+def is_unrecoverable_cuda(exc: BaseException) -> bool:
+    """CUDA errors after which the context is unusable: only a fresh process helps."""
+    text = str(exc)
+    return any(m in text for m in _FATAL_MARKERS)
+
+
+def free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------
+# applying a plan to a loaded pipeline
+
+
+def _stream(module: Any, device: Any) -> None:
+    """Stream a module's blocks from (pinned) host memory, prefetching the next on a side stream.
+
+    diffusers' block-level group offloading does the work; on CPU (tests) the same hooks run
+    with no copies, which keeps the streaming path covered where there is no GPU.
+    """
+    import torch
+    from diffusers.hooks import apply_group_offloading
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    apply_group_offloading(
+        module,
+        onload_device=device,
+        offload_device=torch.device("cpu"),
+        offload_type="block_level",
+        num_blocks_per_group=1,
+        non_blocking=cuda,
+        use_stream=cuda,
+        record_stream=cuda,
+        low_cpu_mem_usage=False,
+    )
+
+
+def detach_embeddings(text_encoder: Any) -> None:
+    """Keep the 0.8 GB token-embedding table on the host: only the prompt's rows are looked up
+    there and sent to the GPU, instead of the whole table travelling for every prompt."""
+    if getattr(text_encoder, "_zimage_embed", None) is None and text_encoder.embed_tokens is not None:
+        text_encoder._zimage_embed = text_encoder.embed_tokens
+        text_encoder.embed_tokens = None
+
+
+def apply_mode(pipe: Any, plan: MemoryPlan, vae_tiling: bool = False, vae_slicing: bool = False) -> list[str]:
+    """Install the hooks a plan needs; returns notes for the UI."""
+    notes: list[str] = []
+    exec_dev = plan.execution_device
+    if plan.mode in STREAMING_MODES:
+        detach_embeddings(pipe.text_encoder)
+        _stream(pipe.text_encoder, exec_dev)
+        notes.append("text encoder streamed layer by layer from pinned host memory")
+        if plan.mode == "lowvram":
+            _stream(pipe.transformer, exec_dev)
+            notes.append("transformer blocks streamed with prefetch")
+    elif plan.mode == "model-offload":
+        pipe.enable_model_cpu_offload(device=exec_dev)
+        notes.append("diffusers model CPU offload")
+    elif plan.mode == "sequential-offload":
+        pipe.enable_sequential_cpu_offload(device=exec_dev)
+        notes.append("diffusers sequential CPU offload")
+    if vae_tiling:
+        pipe.vae.enable_tiling()
+        notes.append("VAE tiling")
+    if vae_slicing:
+        pipe.vae.enable_slicing()
+        notes.append("VAE slicing")
+    return notes
+
+
+def downgrade(pipe: Any, plan: MemoryPlan) -> MemoryPlan | None:
+    """Move a running pipeline one rung down the OOM ladder (gpu -> balanced -> lowvram)."""
+    import torch
+
+    target = next_lower(plan.mode)
+    if target not in STREAMING_MODES:
+        return None
+    cuda = torch.device(plan.execution_device).type == "cuda"
+
+    def to_host(module: Any) -> None:
+        module.to("cpu")
+        if cuda:
+            for p in module.parameters():
+                p.data = p.data.pin_memory()
+
+    if plan.mode == "gpu":  # -> balanced
+        to_host(pipe.text_encoder)
+        detach_embeddings(pipe.text_encoder)
+        _stream(pipe.text_encoder, plan.execution_device)
+        placement = dict(plan.placement, text_encoder="cpu")
+    elif plan.mode == "balanced":  # -> lowvram
+        for block in pipe.transformer.modules():  # compiled blocks cannot trace offload hooks
+            if getattr(block, "_compiled_call_impl", None) is not None:
+                block._compiled_call_impl = None
+        to_host(pipe.transformer)
+        _stream(pipe.transformer, plan.execution_device)
+        placement = dict(plan.placement, transformer="cpu")
+    else:
+        return None
+    free_memory()
+    return MemoryPlan(
+        target, f"fell back from {plan.mode} after running out of GPU memory", placement, plan.execution_device
+    )

@@ -1,0 +1,239 @@
+"""Generation requests and results, and the pure validation that needs no GPU."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
+
+    from .settings import Settings
+
+SEED_MAX = 2**32 - 1
+GUIDANCE_MAX = 10.0
+SIZE_MULTIPLE = 16
+
+
+class ZImageError(Exception):
+    """Base of the package's own errors; messages are meant for the user."""
+
+
+class InvalidRequest(ZImageError):
+    """A request field is out of range: names the field, the value received and what is allowed."""
+
+    def __init__(self, field_name: str, value: Any, allowed: str, hint: str = ""):
+        self.field = field_name
+        self.value = value
+        self.allowed = allowed
+        shown = repr(value) if isinstance(value, str) and len(value) <= 40 else _short(value)
+        message = f"{field_name.capitalize()} must be {allowed} (got {shown})."
+        if hint:
+            message += f" {hint}"
+        super().__init__(message)
+
+
+class Cancelled(ZImageError):
+    """The job was cancelled by its owner."""
+
+
+class NotReady(ZImageError):
+    """The model is not loaded (yet, or loading failed)."""
+
+
+class ShuttingDown(ZImageError):
+    """The process is stopping and takes no new jobs."""
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, str):
+        return f"a text of {len(value)} characters"
+    return repr(value)
+
+
+@dataclass(frozen=True)
+class Limits:
+    min_size: int = 256
+    max_size: int = 2048
+    max_prompt_chars: int = 2000
+    max_steps: int = 50
+    max_count: int = 8
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> Limits:
+        return cls(s.min_size, s.max_size, s.max_prompt_chars, s.max_steps, s.max_count)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 1024
+    height: int = 1024
+    steps: int = 8
+    guidance: float = 0.0
+    seed: int = -1
+    count: int = 1
+    user: str = ""  # who asked (for logs); never affects the image
+
+    def seeds(self) -> list[int]:
+        """Seeds of the images, s, s+1, ...; the seed must be resolved first."""
+        if self.seed < 0:
+            raise ValueError("resolve the seed before asking for seeds")
+        return [(self.seed + i) % (SEED_MAX + 1) for i in range(self.count)]
+
+
+def _as_int(field_name: str, value: Any, allowed: str) -> int:
+    if isinstance(value, bool):
+        raise InvalidRequest(field_name, value, allowed)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise InvalidRequest(field_name, value, allowed)
+
+
+def _as_float(field_name: str, value: Any, allowed: str) -> float:
+    if isinstance(value, bool):
+        raise InvalidRequest(field_name, value, allowed)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InvalidRequest(field_name, value, allowed) from None
+    if not math.isfinite(number):
+        raise InvalidRequest(field_name, value, allowed)
+    return number
+
+
+def snap_size(value: int, limits: Limits = Limits()) -> int:
+    """Nearest multiple of 16 within the limits (for UI presets and hints)."""
+    snapped = int(round(value / SIZE_MULTIPLE)) * SIZE_MULTIPLE
+    return max(limits.min_size, min(limits.max_size, snapped))
+
+
+def validate(request: GenerationRequest, limits: Limits = Limits()) -> GenerationRequest:
+    """Return a normalised copy of the request or raise InvalidRequest naming the first bad field."""
+    prompt = request.prompt
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InvalidRequest("prompt", prompt, "a non-empty text", "Describe the picture you want.")
+    if len(prompt) > limits.max_prompt_chars:
+        raise InvalidRequest("prompt", prompt, f"at most {limits.max_prompt_chars} characters")
+    negative = request.negative_prompt or ""
+    if not isinstance(negative, str):
+        raise InvalidRequest("negative prompt", negative, "a text")
+    if len(negative) > limits.max_prompt_chars:
+        raise InvalidRequest("negative prompt", negative, f"at most {limits.max_prompt_chars} characters")
+
+    sizes = {}
+    for name in ("width", "height"):
+        allowed = f"a multiple of {SIZE_MULTIPLE} between {limits.min_size} and {limits.max_size}"
+        value = _as_int(name, getattr(request, name), allowed)
+        if value % SIZE_MULTIPLE:
+            hint = f"Try {snap_size(value, limits)}."
+            raise InvalidRequest(name, value, allowed, hint)
+        if not limits.min_size <= value <= limits.max_size:
+            raise InvalidRequest(name, value, allowed)
+        sizes[name] = value
+
+    steps = _as_int("steps", request.steps, f"a whole number from 1 to {limits.max_steps}")
+    if not 1 <= steps <= limits.max_steps:
+        raise InvalidRequest("steps", steps, f"a whole number from 1 to {limits.max_steps}")
+
+    guidance = _as_float("guidance", request.guidance, f"a number from 0 to {GUIDANCE_MAX:g}")
+    if not 0.0 <= guidance <= GUIDANCE_MAX:
+        raise InvalidRequest("guidance", guidance, f"a number from 0 to {GUIDANCE_MAX:g}")
+
+    seed_allowed = f"-1 (random) or a whole number from 0 to {SEED_MAX}"
+    seed = _as_int("seed", request.seed, seed_allowed)
+    if not (seed == -1 or 0 <= seed <= SEED_MAX):
+        raise InvalidRequest("seed", seed, seed_allowed)
+
+    count = _as_int("count", request.count, f"a whole number from 1 to {limits.max_count}")
+    if not 1 <= count <= limits.max_count:
+        raise InvalidRequest("count", count, f"a whole number from 1 to {limits.max_count}")
+
+    return replace(
+        request,
+        prompt=prompt,
+        negative_prompt=negative,
+        width=sizes["width"],
+        height=sizes["height"],
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        count=count,
+    )
+
+
+def resolve_seed(seed: int) -> int:
+    """-1 becomes a concrete random seed, which is returned and shown."""
+    return secrets.randbelow(SEED_MAX + 1) if seed < 0 else seed
+
+
+@dataclass
+class StageTimings:
+    """Seconds per stage of one job, measured with CUDA events on GPU and perf_counter on CPU."""
+
+    queue_wait: float = 0.0
+    text_encoder: float = 0.0
+    steps: list[float] = field(default_factory=list)
+    vae_decode: float = 0.0
+    to_host: float = 0.0
+    gpu_total: float = 0.0  # request start (lock taken) to decoded RGB pixels in host memory
+    png: float | None = None  # encode and write, measured beside the next job
+
+    @property
+    def denoise(self) -> float:
+        return sum(self.steps)
+
+    @property
+    def it_per_s(self) -> float:
+        return len(self.steps) / self.denoise if self.denoise > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "queue_wait_s": round(self.queue_wait, 4),
+            "text_encoder_s": round(self.text_encoder, 4),
+            "denoise_s": round(self.denoise, 4),
+            "steps_s": [round(s, 4) for s in self.steps],
+            "it_per_s": round(self.it_per_s, 3),
+            "vae_decode_s": round(self.vae_decode, 4),
+            "to_host_s": round(self.to_host, 4),
+            "total_s": round(self.gpu_total, 4),
+            "png_s": None if self.png is None else round(self.png, 4),
+        }
+
+    def summary(self) -> str:
+        png = "pending" if self.png is None else f"{self.png:.3f}s"
+        return (
+            f"text {self.text_encoder:.3f}s, {len(self.steps)} steps {self.denoise:.3f}s "
+            f"({self.it_per_s:.2f} it/s), vae {self.vae_decode:.3f}s, total {self.gpu_total:.3f}s, png {png}"
+        )
+
+
+@dataclass
+class GenerationResult:
+    request: GenerationRequest  # seed resolved
+    images: list[Image.Image]
+    seeds: list[int]
+    timings: StageTimings
+    model: str
+    memory_mode: str
+    device: str
+    job_id: str
+    paths: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. "retried with VAE tiling after OOM"
+    _saved: Any = None  # concurrent.futures.Future[list[str]] while the PNGs are written
+
+    def wait_saved(self, timeout: float | None = None) -> list[str]:
+        """Block until the PNG files are on disk; returns their paths."""
+        if self._saved is not None:
+            self.paths = list(self._saved.result(timeout))
+        return self.paths

@@ -1,0 +1,403 @@
+"""One frozen Settings dataclass, read once: command line > environment > YAML file > defaults.
+
+Every field is a setting. Its command-line flag is ``--field-name``, its environment
+variable ``ZIMAGE_FIELD_NAME`` and its YAML key ``field_name``. This module imports
+neither torch nor diffusers, so ``--help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+ENV_PREFIX = "ZIMAGE_"
+DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
+MEMORY_MODES = (
+    "auto",
+    "gpu",
+    "balanced",
+    "lowvram",
+    "multi-gpu",
+    "model-offload",
+    "sequential-offload",
+    "cpu",
+)
+COMPILE_MODES = ("auto", "off", "regional", "regional-max-autotune")
+ATTENTION_BACKENDS = ("auto", "native", "_native_cudnn", "_native_flash", "_native_efficient", "flash", "_flash_3")
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot work; the message names it and what is allowed."""
+
+
+def _cache_home() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "zimage"
+
+
+def opt(default: Any = None, help: str = "", choices: tuple | None = None, group: str = "general", **kw: Any):
+    meta = {"help": help, "choices": choices, "group": group}
+    if callable(default) and not isinstance(default, (str, int, float, bool)):
+        return field(default_factory=default, metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- model -------------------------------------------------------------------------
+    model: str = opt(
+        DEFAULT_MODEL,
+        "Model: a Hugging Face repo id (default Tongyi-MAI/Z-Image-Turbo, resolved through the "
+        "local cache; honours HF_HOME and HF_HUB_OFFLINE), a local directory in the diffusers "
+        "layout, or 'tiny' for the built-in random-weight test model.",
+        group="model",
+    )
+    revision: str | None = opt(None, "Hub revision (branch, tag or commit) of the model.", group="model")
+    tiny_dir: str = opt(
+        lambda: str(_cache_home() / "tiny-v1"),
+        "Folder where the tiny test model is written once and loaded from afterwards.",
+        group="model",
+    )
+    device: str = opt("auto", "Device: auto, cpu, cuda or cuda:N.", group="model")
+    dtype: str = opt(
+        "auto",
+        "Compute dtype: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32.",
+        choices=("auto", "bfloat16", "float16", "float32"),
+        group="model",
+    )
+
+    # --- loading and speed ------------------------------------------------------------
+    loader: str = opt(
+        "fast",
+        "How weights are loaded: 'fast' reads safetensors shards in parallel straight to the "
+        "device; 'diffusers' uses from_pretrained(device_map=...).",
+        choices=("fast", "diffusers"),
+        group="speed",
+    )
+    parallel_loading: bool = opt(True, "Read shards and components on several threads at once.", group="speed")
+    load_threads: int = opt(8, "Reader threads for the fast loader.", group="speed")
+    mmap: bool = opt(
+        False,
+        "Read weights through a memory map (safetensors' own reader) instead of chunked reads "
+        "into staging buffers. Chunked reads are faster on GPU; mmap uses less host memory.",
+        group="speed",
+    )
+    async_transfer: bool = opt(
+        True,
+        "GPU only: stage reads in pinned host buffers and copy on side CUDA streams, so disk "
+        "reads overlap host-to-GPU copies.",
+        group="speed",
+    )
+    staging_mb: int = opt(64, "Size of each pinned staging buffer of the fast loader, MiB.", group="speed")
+    compile: str = opt(
+        "auto",
+        "torch.compile of the transformer blocks: auto (regional on GPU, off on CPU), off, "
+        "regional, regional-max-autotune.",
+        choices=COMPILE_MODES,
+        group="speed",
+    )
+    compile_vae: bool = opt(True, "GPU only: torch.compile the VAE decoder (channels_last).", group="speed")
+    compile_cache_dir: str = opt(
+        lambda: str(_cache_home() / "inductor"),
+        "Persistent compile cache (TORCHINDUCTOR_CACHE_DIR) so a restart skips compiling.",
+        group="speed",
+    )
+    warmup: bool = opt(True, "Run one generation at start-up so the first request is fast.", group="speed")
+    warmup_sizes: str = opt(
+        "",
+        "Comma-separated WxH sizes to warm up (default: the preset's default size).",
+        group="speed",
+    )
+    attention_backend: str = opt(
+        "auto",
+        "diffusers attention backend for the transformer (auto picks the fastest present).",
+        choices=ATTENTION_BACKENDS,
+        group="speed",
+    )
+    real_length_prompt: bool = opt(
+        True,
+        "Encode the prompt at its real token length instead of padding it to 512 tokens "
+        "(the transformer sees the same embeddings either way).",
+        group="speed",
+    )
+    trim_text_encoder: bool = opt(
+        True,
+        "Drop the text encoder's last layer and final norm, whose output the pipeline never "
+        "uses (it reads hidden_states[-2]): less memory and load time, same embeddings.",
+        group="speed",
+    )
+
+    # --- memory -------------------------------------------------------------------------
+    memory_mode: str = opt(
+        "auto",
+        "Memory mode: auto (chosen from the hardware), gpu, balanced (16 GB cards), lowvram "
+        "(8 GB cards), multi-gpu, model-offload, sequential-offload or cpu.",
+        choices=MEMORY_MODES,
+        group="memory",
+    )
+    vae_tiling: bool = opt(False, "Decode the VAE in tiles (less memory at large sizes).", group="memory")
+    vae_slicing: bool = opt(False, "Decode a batch one image at a time (less memory).", group="memory")
+    attention_slicing: bool = opt(
+        False,
+        "Has no effect for Z-Image: no component supports set_attention_slice and SDPA is "
+        "already memory-linear. Accepted for compatibility; use vae_tiling/vae_slicing.",
+        group="memory",
+    )
+    cuda_alloc_conf: str = opt(
+        "expandable_segments:True",
+        "PYTORCH_CUDA_ALLOC_CONF applied before CUDA starts (empty: leave as is).",
+        group="memory",
+    )
+    memory_fraction: float = opt(
+        0.0,
+        "torch.cuda.set_per_process_memory_fraction (0 = no cap). Mimics a smaller card.",
+        group="memory",
+    )
+    lowvram_resident_gib: float = opt(
+        -1.0,
+        "lowvram: GiB of transformer blocks kept resident on the GPU (-1 = decide from free memory).",
+        group="memory",
+    )
+    gpu_max_memory: str = opt(
+        "",
+        "multi-gpu: accelerate max_memory per GPU, e.g. '0=20GiB,1=70GiB' (empty = all).",
+        group="memory",
+    )
+
+    # --- request limits and defaults --------------------------------------------------
+    min_size: int = opt(256, "Smallest width/height in pixels (multiple of 16).", group="limits")
+    max_size: int = opt(2048, "Largest width/height in pixels (multiple of 16).", group="limits")
+    max_prompt_chars: int = opt(2000, "Longest prompt accepted, in characters.", group="limits")
+    max_steps: int = opt(50, "Most denoising steps a request may ask for.", group="limits")
+    max_count: int = opt(8, "Most images one request may ask for.", group="limits")
+    default_steps: int = opt(8, "Denoising steps when a request does not say.", group="limits")
+    default_width: int = opt(0, "Default width (0 = the model preset's).", group="limits")
+    default_height: int = opt(0, "Default height (0 = the model preset's).", group="limits")
+
+    # --- outputs ------------------------------------------------------------------------
+    outputs_dir: str = opt("outputs", "Folder for generated PNG files.", group="outputs")
+    png_metadata: bool = opt(
+        True,
+        "Embed the generation parameters in each PNG (turn off for privacy).",
+        group="outputs",
+    )
+    png_compress_level: int = opt(4, "zlib level for PNG files (0-9; lower is faster, larger).", group="outputs")
+    purge_every_minutes: float = opt(30.0, "How often the purge thread runs (0 = never).", group="outputs")
+    purge_max_age_hours: float = opt(24.0 * 7, "Delete outputs older than this (0 = no age limit).", group="outputs")
+    purge_max_count: int = opt(5000, "Keep at most this many outputs (0 = no limit).", group="outputs")
+    purge_max_gib: float = opt(20.0, "Keep the outputs folder under this size in GiB (0 = no limit).", group="outputs")
+
+    # --- server -------------------------------------------------------------------------
+    host: str = opt("0.0.0.0", "Address the web server listens on.", group="server")
+    port: int = opt(7860, "Port the web server listens on.", group="server")
+    queue_size: int = opt(16, "Most requests waiting for the GPU; more are refused at once.", group="server")
+    auth: tuple[str, ...] = opt(
+        tuple,
+        "user:password that may log in (repeatable; ZIMAGE_AUTH takes a comma-separated list).",
+        group="server",
+    )
+    auth_file: str | None = opt(None, "File with one user:password per line.", group="server")
+    share: bool = opt(False, "Ask Gradio for a public share link (needs auth).", group="server")
+    share_without_auth: bool = opt(False, "Allow --share without auth, on purpose.", group="server")
+    root_path: str = opt("", "URL prefix when served behind a reverse proxy.", group="server")
+    shutdown_grace_s: float = opt(
+        60.0,
+        "On SIGTERM/SIGINT: how long the running job may take before it is cancelled.",
+        group="server",
+    )
+    watchdog_reserved_gib: float = opt(
+        0.0,
+        "Exit (for Supervisor to restart) when reserved VRAM stays above this after a job (0 = off).",
+        group="server",
+    )
+    watchdog_strikes: int = opt(3, "Consecutive jobs over the threshold before the watchdog acts.", group="server")
+    log_level: str = opt(
+        "INFO",
+        "Log level.",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        group="server",
+    )
+    config: str | None = opt(
+        None,
+        "YAML settings file (default: ./zimage.yaml when it exists; ZIMAGE_CONFIG).",
+        group="general",
+    )
+
+    # ------------------------------------------------------------------------------------
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.model == "tiny"
+
+
+# ------------------------------------------------------------------------------------------
+# parsing
+
+
+def _base_type(tp: Any) -> type:
+    """bool/int/float/str/tuple from an annotation string such as 'str | None'."""
+    if isinstance(tp, str):
+        name = tp.replace(" ", "").split("|")[0]
+        return {"bool": bool, "int": int, "float": float, "str": str}.get(name.split("[")[0], tuple)
+    origin = get_origin(tp)
+    if origin is tuple:
+        return tuple
+    args = [a for a in get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+FIELD_TYPES: dict[str, type] = {f.name: _base_type(f.type) for f in fields(Settings)}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    tp = FIELD_TYPES[name]
+    try:
+        if value is None:
+            return None
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            raise ValueError
+        if tp is tuple:
+            if isinstance(value, str):
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            return tuple(str(v) for v in value)
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if tp is float:
+            return float(value)
+        if isinstance(value, bool):  # YAML reads a bare off/on/no/yes as a boolean
+            return "on" if value else "off"
+        return str(value)
+    except (TypeError, ValueError):
+        kind = {bool: "true or false", int: "a whole number", float: "a number"}.get(tp, "text")
+        raise SettingsError(f"Setting '{name}' from {source} must be {kind} (got {value!r}).") from None
+
+
+def _check(s: Settings) -> Settings:
+    for f in fields(Settings):
+        choices = f.metadata.get("choices")
+        value = getattr(s, f.name)
+        if choices and value not in choices:
+            raise SettingsError(f"Setting '{f.name}' must be one of {', '.join(choices)} (got {value!r}).")
+    for name in ("min_size", "max_size", "default_width", "default_height"):
+        value = getattr(s, name)
+        if value % 16:
+            raise SettingsError(f"Setting '{name}' must be a multiple of 16 (got {value}).")
+    if not 16 <= s.min_size <= s.max_size:
+        raise SettingsError(f"Setting 'min_size' must be at least 16 and at most max_size (got {s.min_size}).")
+    if not 1 <= s.default_steps <= s.max_steps:
+        raise SettingsError(f"Setting 'default_steps' must be within 1..max_steps (got {s.default_steps}).")
+    if not 0 <= s.png_compress_level <= 9:
+        raise SettingsError(f"Setting 'png_compress_level' must be 0-9 (got {s.png_compress_level}).")
+    if not 0.0 <= s.memory_fraction <= 1.0:
+        raise SettingsError(f"Setting 'memory_fraction' must be within 0..1 (got {s.memory_fraction}).")
+    if s.queue_size < 1:
+        raise SettingsError(f"Setting 'queue_size' must be at least 1 (got {s.queue_size}).")
+    if not 1 <= s.port <= 65535:
+        raise SettingsError(f"Setting 'port' must be within 1..65535 (got {s.port}).")
+    if s.load_threads < 1 or s.staging_mb < 1:
+        raise SettingsError("Settings 'load_threads' and 'staging_mb' must be at least 1.")
+    for entry in s.auth:
+        if ":" not in entry or not entry.split(":", 1)[0]:
+            raise SettingsError(f"Setting 'auth' entries must look like user:password (got {entry!r}).")
+    return s
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise SettingsError(f"Cannot read settings file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"Settings file {path} must be a mapping of setting: value.")
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELD_TYPES:
+            raise SettingsError(f"Unknown setting '{key}' in {path}. Run --help for the list.")
+        out[name] = _coerce(name, value, str(path))
+    return out
+
+
+def _read_env(environ: dict[str, str]) -> dict[str, Any]:
+    out = {}
+    for name in FIELD_TYPES:
+        key = ENV_PREFIX + name.upper()
+        if key in environ:
+            out[name] = _coerce(name, environ[key], key)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting; unset flags are left out of the namespace."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in fields(Settings):
+        group_name = f.metadata.get("group", "general")
+        if group_name not in groups:
+            groups[group_name] = parser.add_argument_group(f"{group_name} settings")
+        group = groups[group_name]
+        flag = "--" + f.name.replace("_", "-")
+        tp = FIELD_TYPES[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        env = ENV_PREFIX + f.name.upper()
+        help_text = f"{f.metadata.get('help', '')} [env {env}; default {default!r}]"
+        kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text, "dest": f.name}
+        if tp is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif tp is tuple:
+            group.add_argument(flag, action="append", metavar="VALUE", **kw)
+        else:
+            choices = f.metadata.get("choices")
+            group.add_argument(flag, type=str, choices=choices, metavar=None if choices else "VALUE", **kw)
+
+
+def from_sources(
+    cli: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+    config_path: str | None = None,
+) -> Settings:
+    """Build Settings: CLI values > environment > YAML file > defaults."""
+    cli = {k: v for k, v in (cli or {}).items() if k in FIELD_TYPES}
+    environ = dict(os.environ if environ is None else environ)
+    env_values = _read_env(environ)
+    path = cli.get("config") or config_path or env_values.get("config")
+    values: dict[str, Any] = {}
+    if path:
+        if not Path(path).is_file():
+            raise SettingsError(f"Settings file {path} does not exist.")
+        values.update(_read_yaml(Path(path)))
+        values["config"] = str(path)
+    elif Path("zimage.yaml").is_file():
+        values.update(_read_yaml(Path("zimage.yaml")))
+        values["config"] = "zimage.yaml"
+    values.update(env_values)
+    for name, value in cli.items():
+        values[name] = _coerce(name, value, "--" + name.replace("_", "-"))
+    return _check(Settings(**values))
+
+
+def from_namespace(ns: argparse.Namespace) -> Settings:
+    return from_sources(cli=vars(ns))
+
+
+def describe(s: Settings) -> list[tuple[str, Any, str]]:
+    """(name, value, help) rows, for `zimage doctor` and the docs."""
+    return [(f.name, getattr(s, f.name), f.metadata.get("help", "")) for f in fields(Settings)]
