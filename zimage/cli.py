@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=getattr(logging, settings.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        # serve: one line per request on stdout, for Supervisor's log; generate keeps stdout for its results
+        stream=sys.stdout if ns.command == "serve" else sys.stderr,
     )
     if ns.command == "serve":
         from .server import run

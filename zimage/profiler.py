@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
+
+log = logging.getLogger("zimage.load")
 
 
 def process_start_time() -> float:
@@ -89,6 +92,7 @@ class LoadTimeline:
             stage.duration = time.time() - self.origin - stage.start
             if detail is not None:
                 stage.detail = detail
+        log.info("load stage %-18s %7.2fs  %s", stage.name, stage.duration, stage.detail)
 
     def progress(self, fraction: float) -> None:
         self.percent = max(0.0, min(100.0, fraction * 100.0))
