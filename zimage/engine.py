@@ -471,16 +471,17 @@ class Engine:
     # ------------------------------------------------------------------------------------
     # the GPU part (caller holds the lock)
 
-    def encode(self, prompt: str):
+    def encode(self, prompt: str, real_length: bool | None = None):
         """Prompt embeddings (tokens, dim) on the transformer's device, as the pipeline computes them."""
-
         pipe = self.pipe
+        if real_length is None:
+            real_length = self.settings.real_length_prompt
         tok = pipe.tokenizer
         te = pipe.text_encoder
         text = tok.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True, enable_thinking=True
         )
-        if self.settings.real_length_prompt:
+        if real_length:
             enc = tok([text], padding=False, truncation=True, max_length=512, return_tensors="pt")
         else:
             enc = tok([text], padding="max_length", max_length=512, truncation=True, return_tensors="pt")
@@ -496,7 +497,7 @@ class Engine:
             hidden = te(**kwargs).last_hidden_state
         else:
             hidden = te(**kwargs, output_hidden_states=True).hidden_states[-2]
-        emb = hidden[0] if self.settings.real_length_prompt else hidden[0][mask[0]]
+        emb = hidden[0] if real_length else hidden[0][mask[0]]
         return emb.to(self._exec_device_for(pipe.transformer), non_blocking=True)
 
     def _exec_device_for(self, module) -> Any:

@@ -58,7 +58,7 @@ class Settings:
     )
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) of the model.", group="model")
     tiny_dir: str = opt(
-        lambda: str(_cache_home() / "tiny-v1"),
+        lambda: str(_cache_home() / "tiny"),
         "Folder where the tiny test model is written once and loaded from afterwards.",
         group="model",
     )

@@ -30,6 +30,7 @@ def prepare_compile_cache(settings: Settings) -> None:
     path = os.path.expanduser(settings.compile_cache_dir)
     os.makedirs(path, exist_ok=True)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", path)
+    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(path, "triton"))
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
 
