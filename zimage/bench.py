@@ -426,7 +426,7 @@ def explore(args: argparse.Namespace) -> dict[str, Any]:
         r = engine.generate(req, save=False)
         return _median(r.timings.steps), r.timings.vae_decode, r.timings.text_encoder
 
-    backends = ["native", "_native_cudnn", "_native_flash", "_native_efficient", "flash", "_flash_3"]
+    backends = ["native", "_native_cudnn", "_native_flash", "_flash_3"]
     out["eager_step_s"] = {}
     for b in backends:
         try:
@@ -445,7 +445,7 @@ def explore(args: argparse.Namespace) -> dict[str, Any]:
         torch._dynamo.reset()
 
     out["compiled"] = {}
-    for name, kw in (("dynamic", {"dynamic": True}), ("static-auto", {})):
+    for name, kw in (("dynamic", {"dynamic": True}),):
         uncompile()
         pipe.transformer.compile_repeated_blocks(fullgraph=True, **kw)
         t = time.perf_counter()
@@ -474,6 +474,16 @@ def explore(args: argparse.Namespace) -> dict[str, Any]:
         pipe.vae.decoder.compile(dynamic=True)
         steps_time(1)
         out["compiled_vae_s"] = steps_time(1)[1]
+        from .speed import compile_text_encoder
+
+        compile_text_encoder(pipe.text_encoder)
+        with torch.no_grad():
+            t = time.perf_counter()
+            engine.encode(PROMPT)
+            engine.encode(PROMPT + " and a second, longer sentence about boats and a tall pine tree")
+            out["text_encoder_compile_s"] = round(time.perf_counter() - t, 2)
+            out["text_encoder_compiled_real_s"] = timeit(lambda: engine.encode(PROMPT))
+        print(json.dumps({k: out.get(k) for k in ("compiled_vae_s", "text_encoder_compiled_real_s")}), flush=True)
     out.update(_peak(torch))
     return out
 
@@ -579,8 +589,8 @@ def table(results: dict[str, Any]) -> str:
         f"transformers {env.get('transformers')} | {results['size']}px, {results['steps']} steps",
         "",
         "| row | start -> ready | first image | start -> first image | warm image (median) | text | denoise | VAE | "
-        "request -> PNG | peak VRAM alloc |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "request -> PNG | peak VRAM alloc | mode |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def f(x, unit="s"):
@@ -608,6 +618,7 @@ def table(results: dict[str, Any]) -> str:
                     f(sp.get("vae_decode_s")),
                     f(ws.get("request_to_png_alone_s")),
                     f(r.get("peak_allocated_gib"), "GiB"),
+                    str(r.get("memory_mode") or "plain"),
                 ]
             )
             + " |"

@@ -156,22 +156,26 @@ class Engine:
         s = self.settings
         tl = self.timeline
         try:
-            stage = tl.begin("import libraries")
             import os
 
+            from . import speed
+            from .loading import WeightLoad, prefetch_hint
+
+            # Before torch is imported: allocator and compile-cache settings are read at import.
             if s.cuda_alloc_conf:
                 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", s.cuda_alloc_conf)
-            from . import speed
-
             speed.prepare_compile_cache(s)
-            import diffusers  # noqa: F401
-            import torch
-
-            tl.end(stage, f"torch {torch.__version__}, diffusers {diffusers.__version__}")
 
             stage = tl.begin("find model")
             self.source = resolve_model(s)
+            if s.loader == "fast":
+                prefetch_hint(self.source)  # the disk starts reading while Python imports
             tl.end(stage, f"{self.source.kind}: {self.source.path}")
+
+            stage = tl.begin("import torch")
+            import torch
+
+            tl.end(stage, f"torch {torch.__version__}")
 
             stage = tl.begin("plan memory")
             self.device, self._dtype = self._pick_device(torch)
@@ -194,19 +198,41 @@ class Engine:
             tl.end(stage, self.plan.describe())
             log.info("memory mode %s", self.plan.describe())
 
-            stage = tl.begin("read weights")
             opts = LoadOptions.from_settings(s, self._dtype)
+            pin = self.plan.mode in ("balanced", "lowvram")
+            pending = None
+            if s.loader == "fast":
+                # Reads start now, on their own threads, and overlap the library imports below.
+                pending = WeightLoad(
+                    self.source, self.plan.placement, opts, lambda _n, frac: tl.progress(frac), pin
+                ).start()
+
+            stage = tl.begin("import libraries")
+            import diffusers
+            import transformers  # noqa: F401
+
+            tl.end(stage, f"diffusers {diffusers.__version__}" + (" (weights reading meanwhile)" if pending else ""))
+
+            stage = tl.begin("read weights")
             t0 = time.perf_counter()
             modules = load_components(
                 self.source,
                 self.plan.placement,
                 opts,
                 progress=lambda _name, frac: tl.progress(frac),
-                pin_offloaded=self.plan.mode in ("balanced", "lowvram"),
+                pin_offloaded=pin,
+                pending=pending,
             )
-            seconds = time.perf_counter() - t0
             gib = fp.total / (1 << 30)
-            tl.end(stage, f"{gib:.2f} GiB in {seconds:.2f}s ({gib / max(seconds, 1e-9):.2f} GiB/s, {s.loader} loader)")
+            if pending is not None and pending.finished:
+                detail = (
+                    f"{gib:.2f} GiB read in {pending.seconds:.2f}s ({gib / max(pending.seconds, 1e-9):.2f} GiB/s), "
+                    f"started {t0 - pending.started:.2f}s before this stage, beside the imports"
+                )
+            else:
+                seconds = time.perf_counter() - t0
+                detail = f"{gib:.2f} GiB in {seconds:.2f}s with {s.loader} loader"
+            tl.end(stage, detail)
 
             stage = tl.begin("assemble pipeline")
             from .memory import apply_mode

@@ -117,6 +117,16 @@ def _save_sharded(state: dict, folder: Path, stem: str, shards: int) -> None:
     (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+def vae_config(cfgs: dict) -> dict:
+    """The published VAE config names only what differs from diffusers' defaults; the block lists it
+    leaves out are one entry per resolution level (Flux's VAE: four down and four up blocks)."""
+    cfg = {k: v for k, v in cfgs["vae/config.json"].items() if not k.startswith("_")}
+    levels = len(cfg["block_out_channels"])
+    cfg.setdefault("down_block_types", ["DownEncoderBlock2D"] * levels)
+    cfg.setdefault("up_block_types", ["UpDecoderBlock2D"] * levels)
+    return cfg
+
+
 def build(dest: str | Path, device: str = "cuda", configs: dict | None = None) -> Path:
     """Write the full-size random model to dest (skipped when it is already complete)."""
     import torch
@@ -137,7 +147,7 @@ def build(dest: str | Path, device: str = "cuda", configs: dict | None = None) -
 
     with init_empty_weights():
         transformer = ZImageTransformer2DModel.from_config(strip(cfgs["transformer/config.json"]))
-        vae = AutoencoderKL.from_config(strip(cfgs["vae/config.json"]))
+        vae = AutoencoderKL.from_config(vae_config(cfgs))
         te_cfg = Qwen3Config(**cfgs["text_encoder/config.json"])
         text_encoder = Qwen3Model(te_cfg)
     for name, module in (("transformer", transformer), ("vae", vae), ("text_encoder", text_encoder)):

@@ -92,7 +92,11 @@ class Settings:
         "reads overlap host-to-GPU copies.",
         group="speed",
     )
-    staging_mb: int = opt(64, "Size of each pinned staging buffer of the fast loader, MiB.", group="speed")
+    staging_mb: int = opt(
+        16,
+        "Size of each pinned staging buffer of the fast loader, MiB (16 read fastest on an H100 box).",
+        group="speed",
+    )
     compile: str = opt(
         "auto",
         "torch.compile of the transformer blocks: auto (regional on GPU, off on CPU), off, "
@@ -101,6 +105,11 @@ class Settings:
         group="speed",
     )
     compile_vae: bool = opt(True, "GPU only: torch.compile the VAE decoder (channels_last).", group="speed")
+    compile_text_encoder: bool = opt(
+        False,
+        "GPU only: torch.compile each text-encoder layer (fewer kernel launches for short prompts).",
+        group="speed",
+    )
     compile_cache_dir: str = opt(
         lambda: str(_cache_home() / "inductor"),
         "Persistent compile cache (TORCHINDUCTOR_CACHE_DIR) so a restart skips compiling.",

@@ -75,6 +75,9 @@ def optimize(pipe: Any, settings: Settings, device_type: str, memory_mode: str) 
             kwargs["mode"] = "max-autotune-no-cudagraphs"
         pipe.transformer.compile_repeated_blocks(**kwargs)
         notes.append(f"transformer blocks compiled ({mode}, dynamic shapes)")
+        if settings.compile_text_encoder and device_type == "cuda" and memory_mode in ("gpu", "multi-gpu"):
+            compile_text_encoder(pipe.text_encoder)
+            notes.append("text encoder layers compiled")
         if settings.compile_vae and device_type == "cuda":
             pipe.vae.to(memory_format=torch.channels_last)
             pipe.vae.decoder.compile(dynamic=True)
@@ -82,6 +85,12 @@ def optimize(pipe: Any, settings: Settings, device_type: str, memory_mode: str) 
     else:
         notes.append("no compile")
     return notes
+
+
+def compile_text_encoder(text_encoder: Any) -> None:
+    """Each decoder layer on its own (the model's outer forward has Python the tracer dislikes)."""
+    for layer in text_encoder.layers:
+        layer.compile(dynamic=True)
 
 
 WARMUP_PROMPTS = (
