@@ -295,15 +295,14 @@ class Engine:
         return torch.device("cpu")
 
     def _warmup(self, prompts: tuple[str, ...], device_type: str, compile_mode: str) -> None:
+        """One short generation per warm-up size: pays for compiling, cuDNN/cuBLAS set-up and
+        allocator growth before the first user does. Blocks are compiled with dynamic shapes, so
+        other prompt lengths and sizes do not recompile (bench explore measured 0.5 s for a new
+        caption length against 21 s for the first compile)."""
         w, h = self.default_size
         sizes = [parse_size(x) for x in self.settings.warmup_sizes.split(",") if x.strip()] or [(w, h)]
-        runs = [(prompts[0], sizes[0])]
-        if compile_mode != "off":
-            # a second caption length and size: compiled with dynamic shapes, nothing recompiles later
-            runs.append((prompts[1], (max(self.limits.min_size, 512), max(self.limits.min_size, 512))))
-        runs += [(prompts[0], size) for size in sizes[1:]]
-        for prompt, (ww, hh) in runs:
-            req = GenerationRequest(prompt=prompt, width=ww, height=hh, steps=self.settings.default_steps, seed=0)
+        for ww, hh in sizes:
+            req = GenerationRequest(prompt=prompts[0], width=ww, height=hh, steps=2, seed=0)
             with self._gpu_lock:
                 self._run(validate(req, self.limits), Job(), None, warmup=True)
 
