@@ -75,7 +75,8 @@ def theme() -> gr.themes.Base:
         primary_hue=gr.themes.colors.indigo,
         secondary_hue=gr.themes.colors.teal,
         neutral_hue=gr.themes.colors.slate,
-        font=[gr.themes.GoogleFont("Inter", weights=(400, 600)), "ui-sans-serif", "system-ui", "sans-serif"],
+        # local fonts only: the studio must look right on machines without internet access
+        font=["Inter", "ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Noto Sans", "sans-serif"],
         font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"],
     ).set(
         body_background_fill="*neutral_50",
@@ -189,7 +190,8 @@ def _bar_rows(rows: list[tuple[str, float | None, str]], scale: float) -> str:
             f'<div class="zi-row"><span class="zi-k">{_e(name)}</span>'
             f'<span class="zi-bar"><i style="width:{width:.1f}%"></i></span>'
             f'<span class="zi-v">{_e(_s(seconds))}</span>'
-            f'<span class="zi-x">{_e(extra)}</span></div>'
+            + (f'<span class="zi-x">{_e(extra)}</span>' if extra else "")
+            + "</div>"
         )
     return "".join(out)
 
@@ -204,131 +206,136 @@ def _timings_dict(timings: Any) -> dict[str, Any]:
 
 def render_profiler(status: dict[str, Any], ops_status: dict[str, Any] | None = None, waiting: int = 0) -> str:
     """The live profiler panel as HTML, from engine.status() and ops.status()."""
-    parts = ['<div class="zi-prof">']
+    sections = [
+        _last_run_card(status.get("last")),
+        _effect_card(status),
+        _memory_card(status.get("memory") or {}),
+        _queue_card(status, waiting),
+        _load_card(status.get("load") or {}),
+    ]
+    if ops_status:
+        sections.append(_ops_card(ops_status))
+    return '<div class="zi-prof">' + "".join(sections) + "</div>"
 
-    # what is in effect: device, memory mode and why
+
+def _card(cls: str, title: str, body: str) -> str:
+    return f'<section class="zi-card {cls}"><h4>{_e(title)}</h4>{body}</section>'
+
+
+def _kv(key: str, value: Any, cls: str = "") -> str:
+    return f'<div class="zi-kv {cls}"><span>{_e(key)}</span><b>{_e(value)}</b></div>'
+
+
+def _last_run_card(last: dict[str, Any] | None) -> str:
+    if not last:
+        return _card("zi-last", "Last run", '<p class="zi-muted">No image yet: each stage\'s time shows here.</p>')
+    t = _timings_dict(last.get("timings"))
+    steps = t.get("steps_s") or []
+    total = t.get("total_s") or 0.0
+    png = t.get("png_s")
+    rows = [
+        ("Text encoder", t.get("text_encoder_s"), ""),
+        ("Denoise", t.get("denoise_s"), f"{len(steps)} steps · {t.get('it_per_s', 0):.2f} it/s"),
+        ("VAE decode", t.get("vae_decode_s"), ""),
+        ("To host", t.get("to_host_s"), ""),
+        ("PNG save", png, "" if png is not None else "writing…"),
+    ]
+    when = last.get("when")
+    ago = f" · {_uptime(time.time() - when)} ago" if when else ""
+    seeds = last.get("seeds") or []
+    seed_text = (f"seed {seeds[0]}" + (f"…{seeds[-1]}" if len(seeds) > 1 else "")) if seeds else ""
+    body = (
+        f'<div class="zi-headline"><b>{_e(_s(total))}</b><span>{t.get("it_per_s", 0):.2f} it/s</span></div>'
+        + _bar_rows(rows, max(total, png or 0.0))
+        + f'<div class="zi-total"><span>queue wait {_e(_s(t.get("queue_wait_s")))}</span>'
+        f"<span>{_e(last.get('size', ''))} × {_e(last.get('count', 1))}</span></div>"
+        f'<p class="zi-muted">{_e(last.get("steps", ""))} steps · {_e(seed_text)}{_e(ago)}</p>'
+    )
+    if last.get("notes"):
+        body += '<ul class="zi-notes">' + "".join(f"<li>{_e(n)}</li>" for n in last["notes"]) + "</ul>"
+    return _card("zi-last", "Last run", body)
+
+
+def _effect_card(status: dict[str, Any]) -> str:
     mode = status.get("memory_mode")
+    if not mode:
+        return _card("zi-effect", "In effect", '<p class="zi-muted">Decided once the model has loaded.</p>')
     device = status.get("device_name") or status.get("device") or "?"
-    dtype = status.get("dtype") or ""
-    parts.append('<section class="zi-card zi-effect"><h4>In effect</h4>')
-    if mode:
-        parts.append(
-            f'<div class="zi-chips"><span class="zi-chip zi-chip-mode">mode {_e(mode)}</span>'
-            f'<span class="zi-chip">{_e(device)}</span>'
-            + (f'<span class="zi-chip">{_e(dtype)}</span>' if dtype else "")
-            + f'<span class="zi-chip">{_e(status.get("model", ""))}</span></div>'
-        )
-        if status.get("memory_reason"):
-            parts.append(f'<p class="zi-reason">{_e(status["memory_reason"])}</p>')
-    else:
-        parts.append('<p class="zi-muted">Decided once the model has loaded.</p>')
+    chips = [f'<span class="zi-chip zi-chip-mode">mode {_e(mode)}</span>', f'<span class="zi-chip">{_e(device)}</span>']
+    if status.get("dtype"):
+        chips.append(f'<span class="zi-chip">{_e(status["dtype"])}</span>')
+    body = f'<div class="zi-chips">{"".join(chips)}</div>'
+    if status.get("memory_reason"):
+        body += f'<p class="zi-reason">{_e(status["memory_reason"])}</p>'
     notes = status.get("notes") or []
     if notes:
-        parts.append('<ul class="zi-notes">' + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>")
-    parts.append("</section>")
+        body += '<ul class="zi-notes">' + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>"
+    return _card("zi-effect", f"In effect · {status.get('model', '')}", body)
 
-    # last run
-    last = status.get("last")
-    parts.append('<section class="zi-card zi-last"><h4>Last run</h4>')
-    if last:
-        t = _timings_dict(last.get("timings"))
-        steps = t.get("steps_s") or []
-        total = t.get("total_s") or 0.0
-        png = t.get("png_s")
-        rows = [
-            ("Text encoder", t.get("text_encoder_s"), ""),
-            ("Denoise", t.get("denoise_s"), f"{len(steps)} steps · {t.get('it_per_s', 0):.2f} it/s"),
-            ("VAE decode", t.get("vae_decode_s"), ""),
-            ("To host", t.get("to_host_s"), ""),
-            ("PNG save", png, "" if png is not None else "writing…"),
-        ]
-        parts.append(_bar_rows(rows, max(total, png or 0.0)))
-        when = last.get("when")
-        ago = f" · {_uptime(time.time() - when)} ago" if when else ""
-        seeds = last.get("seeds") or []
-        seed_text = f"seed {seeds[0]}" + (f"…{seeds[-1]}" if len(seeds) > 1 else "") if seeds else ""
-        parts.append(
-            f'<div class="zi-total"><span>Total <b>{_e(_s(total))}</b></span>'
-            f"<span>queue wait {_e(_s(t.get('queue_wait_s')))}</span></div>"
-            f'<p class="zi-muted">{_e(last.get("size", ""))} × {_e(last.get("count", 1))} · '
-            f"{_e(last.get('steps', ''))} steps · {_e(seed_text)}{_e(ago)}</p>"
+
+def _memory_card(mem: dict[str, Any]) -> str:
+    rows = []
+    for g in mem.get("gpus") or []:
+        i = g.get("index")
+        rows.append(_kv(f"VRAM {i} in use", _bytes(g.get("allocated_bytes"))))
+        rows.append(_kv(f"VRAM {i} peak", _bytes(g.get("peak_allocated_bytes"))))
+        rows.append(
+            _kv(
+                "reserved now / peak",
+                f"{_bytes(g.get('reserved_bytes'))} / {_bytes(g.get('peak_reserved_bytes'))}",
+                "zi-sub",
+            )
         )
-        if last.get("notes"):
-            parts.append('<ul class="zi-notes">' + "".join(f"<li>{_e(n)}</li>" for n in last["notes"]) + "</ul>")
-    else:
-        parts.append('<p class="zi-muted">No image yet. Timings of each stage appear here after the first run.</p>')
-    parts.append("</section>")
+    if not mem.get("gpus"):
+        rows.append(_kv("VRAM", "no GPU in use"))
+    rows.append(_kv("Process memory", _bytes(mem.get("host_rss_bytes"))))
+    return _card("zi-mem", "Memory", "".join(rows))
 
-    # memory and queue
-    mem = status.get("memory") or {}
-    parts.append('<section class="zi-card zi-mem"><h4>Memory</h4>')
-    gpus = mem.get("gpus") or []
-    for g in gpus:
-        parts.append(
-            f'<div class="zi-kv"><span>GPU {_e(g.get("index"))} in use</span><b>{_e(_bytes(g.get("allocated_bytes")))}</b></div>'
-            f'<div class="zi-kv"><span>GPU {_e(g.get("index"))} peak</span><b>{_e(_bytes(g.get("peak_allocated_bytes")))}</b></div>'
-            f'<div class="zi-kv zi-sub"><span>reserved now / peak</span>'
-            f"<b>{_e(_bytes(g.get('reserved_bytes')))} / {_e(_bytes(g.get('peak_reserved_bytes')))}</b></div>"
-        )
-    if not gpus:
-        parts.append('<div class="zi-kv"><span>VRAM</span><b>no GPU in use</b></div>')
-    parts.append(
-        f'<div class="zi-kv"><span>Process memory (RSS)</span><b>{_e(_bytes(mem.get("host_rss_bytes")))}</b></div>'
-    )
-    parts.append("</section>")
 
+def _queue_card(status: dict[str, Any], waiting: int) -> str:
     running = status.get("running_step")
-    queue_total = int(status.get("queue_depth") or 0) + int(waiting or 0)
-    parts.append('<section class="zi-card zi-queue"><h4>Queue</h4>')
-    parts.append(f'<div class="zi-kv"><span>Waiting</span><b>{queue_total}</b></div>')
-    if running:
-        parts.append(f'<div class="zi-kv"><span>Running</span><b>step {running[0]}/{running[1]}</b></div>')
-    else:
-        parts.append('<div class="zi-kv"><span>Running</span><b>idle</b></div>')
-    parts.append(
-        f'<div class="zi-kv"><span>Images made</span><b>{_e(status.get("images_made", 0))}</b></div>'
-        f'<div class="zi-kv"><span>Uptime</span><b>{_e(_uptime(status.get("uptime_s", 0)))}</b></div>'
-    )
+    rows = [
+        _kv("Waiting", int(status.get("queue_depth") or 0) + int(waiting or 0)),
+        _kv("Running", f"step {running[0]}/{running[1]}" if running else "idle"),
+        _kv("Images made", status.get("images_made", 0)),
+        _kv("Uptime", _uptime(status.get("uptime_s", 0))),
+    ]
     if status.get("pending_writes"):
-        parts.append(f'<div class="zi-kv"><span>PNG writes pending</span><b>{_e(status["pending_writes"])}</b></div>')
-    parts.append("</section>")
+        rows.append(_kv("PNG writes pending", status["pending_writes"]))
+    return _card("zi-queue", "Queue", "".join(rows))
 
-    # model load timeline
-    load = status.get("load") or {}
+
+def _load_card(load: dict[str, Any]) -> str:
     stages = load.get("stages") or []
-    parts.append('<section class="zi-card zi-load"><h4>Model load</h4>')
+    rows = []
     if stages:
         end = max((s["start_s"] + (s["duration_s"] or 0.0)) for s in stages) or 1.0
-        rows = []
-        for s in stages:
-            dur = s.get("duration_s")
+        for st in stages:
+            dur = st.get("duration_s")
             rows.append(
-                f'<div class="zi-row" title="{_e(s.get("detail", ""))}"><span class="zi-k">{_e(s["name"])}</span>'
-                f'<span class="zi-bar zi-gantt"><i style="margin-left:{100 * s["start_s"] / end:.1f}%;'
+                f'<div class="zi-row" title="{_e(st.get("detail", ""))}"><span class="zi-k">{_e(st["name"])}</span>'
+                f'<span class="zi-bar zi-gantt"><i style="margin-left:{100 * st["start_s"] / end:.1f}%;'
                 f'width:{max(1.0, 100 * (dur or 0) / end):.1f}%"></i></span>'
-                f'<span class="zi-v">{_e(_s(dur) if dur is not None else "running…")}</span>'
-                f'<span class="zi-x">{_e(s.get("detail", ""))}</span></div>'
+                f'<span class="zi-v">{_e(_s(dur) if dur is not None else "…")}</span></div>'
             )
-        parts.append("".join(rows))
     if load.get("error"):
-        parts.append(f'<p class="zi-error">Failed: {_e(load["error"])}</p>')
+        rows.append(f'<p class="zi-error">Failed: {_e(load["error"])}</p>')
     elif load.get("ready_at_s") is not None:
-        parts.append(f'<p class="zi-muted">Ready {_e(_s(load["ready_at_s"]))} after the process started.</p>')
+        rows.append(f'<p class="zi-muted">Ready {_e(_s(load["ready_at_s"]))} after the process started.</p>')
     else:
-        parts.append(
+        rows.append(
             f'<p class="zi-muted">Loading: {_e(load.get("current", "waiting"))} '
             f"{_e(load.get('percent', 0))}% · {_e(_s(load.get('elapsed_s')))}</p>"
         )
-    parts.append("</section>")
+    return _card("zi-load", "Model load", "".join(rows))
 
-    if ops_status:
-        parts.append('<section class="zi-card zi-ops"><h4>Operations</h4>')
-        for key, value in ops_status.items():
-            shown = value if isinstance(value, (str, int, float, bool)) or value is None else json.dumps(value)
-            parts.append(f'<div class="zi-kv"><span>{_e(key)}</span><b>{_e(shown)}</b></div>')
-        parts.append("</section>")
-    parts.append("</div>")
-    return "".join(parts)
+
+def _ops_card(ops_status: dict[str, Any]) -> str:
+    rows = []
+    for key, value in ops_status.items():
+        shown = value if isinstance(value, (str, int, float, bool)) or value is None else json.dumps(value, default=str)
+        rows.append(_kv(str(key).replace("_", " "), shown))
+    return _card("zi-ops", "Operations", "".join(rows))
 
 
 def render_banner(status: dict[str, Any]) -> str:
@@ -593,7 +600,8 @@ class Studio:
         files = [str(self.engine.store.folder / Path(n).name) for n in (details or {}).get("files", [])]
         files = [f for f in files if Path(f).is_file()]
         seed = (details or {}).get("seed", -1)
-        return seed, summary_markdown(details), self.history(), files or None
+        download = gr.update(value=files or None, visible=bool(files))
+        return seed, summary_markdown(details), self.history(), download, ""
 
     # --- history, parameters ------------------------------------------------------------
 
@@ -605,12 +613,12 @@ class Studio:
         image = value.get("image") if isinstance(value, dict) else None
         path = (image or {}).get("path") if isinstance(image, dict) else None
         if not path:
-            return {}, "Select an image to see its parameters.", None
+            return {}, "Select an image to see its parameters."
         try:
             params = read_parameters(path)
         except Exception:  # noqa: BLE001 - a file that is not a readable PNG has no parameters
             params = {}
-        return params, parameters_markdown(params, value.get("caption") or Path(path).name), path
+        return params, parameters_markdown(params, value.get("caption") or Path(path).name)
 
     def load_png(self, file: Any):
         """A PNG dropped on the page: its embedded parameters, and the form filled with them."""
@@ -744,11 +752,11 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
 
         with gr.Row(elem_id="zi-main", equal_height=False):
             # ---------------- the form
-            with gr.Column(scale=4, min_width=340, elem_id="zi-form"):
+            with gr.Column(scale=4, min_width=330, elem_id="zi-form"):
                 with gr.Group(elem_classes=["zi-card-group"]):
                     prompt = gr.Textbox(
                         label="Prompt",
-                        placeholder="Describe the picture… (Enter generates, Shift+Enter for a new line)",
+                        placeholder="Describe the picture… (Enter generates, Shift+Enter adds a line)",
                         lines=1,
                         max_lines=8,
                         autofocus=True,
@@ -766,7 +774,7 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
                     )
                 with gr.Row(elem_id="zi-actions"):
                     generate_btn = gr.Button("Generate", variant="primary", size="lg", elem_id="zi-generate", scale=3)
-                    cancel_btn = gr.Button("Cancel", variant="stop", size="lg", elem_id="zi-cancel", scale=1)
+                    cancel_btn = gr.Button("Cancel", variant="secondary", size="lg", elem_id="zi-cancel", scale=1)
                 cancel_note = gr.Markdown("", elem_id="zi-cancel-note")
 
                 with gr.Group(elem_classes=["zi-card-group"]):
@@ -788,18 +796,18 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
                     size_md = gr.Markdown(size_note(w0, h0), elem_classes=["zi-size-note"])
 
                 with gr.Group(elem_classes=["zi-card-group"]):
-                    with gr.Row(equal_height=True):
-                        seed = gr.Number(
-                            value=-1,
-                            label="Seed (-1 = random)",
-                            precision=0,
-                            minimum=-1,
-                            maximum=SEED_MAX,
-                            elem_id="zi-seed",
-                            scale=3,
-                        )
-                        random_btn = gr.Button("🎲 Random", size="sm", scale=1, elem_id="zi-seed-random")
-                        reuse_btn = gr.Button("♻ Reuse last", size="sm", scale=1, elem_id="zi-seed-reuse")
+                    seed = gr.Number(
+                        value=-1,
+                        label="Seed",
+                        info="-1 picks a random seed; the seed actually used is shown with the result.",
+                        precision=0,
+                        minimum=-1,
+                        maximum=SEED_MAX,
+                        elem_id="zi-seed",
+                    )
+                    with gr.Row(elem_id="zi-seed-buttons"):
+                        random_btn = gr.Button("Random (-1)", size="sm", elem_id="zi-seed-random")
+                        reuse_btn = gr.Button("♻ Reuse last", size="sm", elem_id="zi-seed-reuse")
                     steps = gr.Slider(
                         1,
                         settings.max_steps,
@@ -829,60 +837,74 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
                         info="Seeds s, s+1, … (image i equals a single run with seed s+i).",
                         elem_id="zi-count",
                     )
-                if examples:
-                    gr.Examples(
-                        examples=[[e["prompt"]] for e in examples],
-                        inputs=[prompt],
-                        label="Examples · 示例",
-                        examples_per_page=10,
-                        elem_id="zi-examples",
-                    )
 
-            # ---------------- results, history, profiler
-            with gr.Column(scale=7, min_width=420, elem_id="zi-output"):
+            # ---------------- results, history, parameters
+            with gr.Column(scale=6, min_width=420, elem_id="zi-output"):
                 with gr.Tabs(elem_id="zi-tabs"):
                     with gr.Tab("Result", id="result"):
                         gallery = gr.Gallery(
                             label="Result",
                             show_label=False,
                             columns=2,
-                            height=520,
+                            height=500,
                             object_fit="contain",
                             buttons=["download", "fullscreen"],
                             elem_id="zi-gallery",
                             preview=True,
                         )
                         summary = gr.Markdown("", elem_id="zi-summary")
+                        download = gr.File(
+                            label="Download PNG (parameters embedded)",
+                            file_count="multiple",
+                            visible=False,
+                            elem_id="zi-download",
+                        )
                         with gr.Accordion("Details (JSON)", open=False):
                             details = gr.JSON(label="Details", elem_id="zi-details")
-                        download = gr.File(label="Download PNG (parameters embedded)", file_count="multiple")
                     with gr.Tab("History", id="history"):
-                        with gr.Row():
-                            gr.Markdown("Saved outputs, newest first. Select one to see its parameters.")
-                            refresh_btn = gr.Button("↻ Refresh", size="sm", scale=0)
+                        with gr.Row(equal_height=True):
+                            gr.Markdown(
+                                "Saved outputs, newest first. Select one to see its parameters.",
+                                elem_classes=["zi-hint"],
+                            )
+                            refresh_btn = gr.Button("↻ Refresh", size="sm", scale=0, min_width=110)
                         history = gr.Gallery(
                             label="History",
                             show_label=False,
-                            columns=6,
-                            height=420,
+                            columns=5,
+                            height=460,
                             object_fit="cover",
                             buttons=["download", "fullscreen"],
                             elem_id="zi-history",
                         )
                     with gr.Tab("Load a PNG", id="load"):
                         dropped = gr.File(
-                            label="Drop a PNG made by zimage to load its settings",
+                            label="Drop a PNG made by zimage here to load its settings",
                             file_types=[".png"],
                             type="filepath",
+                            height=180,
                             elem_id="zi-drop",
                         )
                 with gr.Group(elem_id="zi-params"):
-                    params_md = gr.Markdown("Select an image to see its parameters.", elem_id="zi-params-md")
-                    with gr.Row():
-                        use_btn = gr.Button("Use these settings", size="sm", elem_id="zi-use")
-                        selected_file = gr.File(label="Selected PNG", visible=False)
-                with gr.Accordion("Live profiler", open=True, elem_id="zi-profiler-box"):
-                    profiler = gr.HTML(render_profiler(engine.status()), elem_id="zi-profiler")
+                    with gr.Row(equal_height=True):
+                        params_md = gr.Markdown(
+                            "Select an image (result or history) to see its parameters.", elem_id="zi-params-md"
+                        )
+                        use_btn = gr.Button("Use these settings", size="sm", scale=0, min_width=160, elem_id="zi-use")
+
+                if examples:
+                    gr.Examples(
+                        examples=[[e["prompt"]] for e in examples],
+                        inputs=[prompt],
+                        label="Example prompts · 示例",
+                        examples_per_page=10,
+                        elem_id="zi-examples",
+                    )
+
+            # ---------------- the live profiler
+            with gr.Column(scale=3, min_width=290, elem_id="zi-side"):
+                gr.HTML('<div class="zi-side-title">Live profiler</div>', elem_id="zi-side-head")
+                profiler = gr.HTML(render_profiler(engine.status()), elem_id="zi-profiler")
 
         inputs = _Inputs(prompt, negative, width, height, steps, guidance, seed, count)
         form_outputs = [*inputs.as_list(), aspect, tier]
@@ -906,7 +928,7 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
         gen_event.success(
             studio.after_generate,
             inputs=[details],
-            outputs=[last_seed, summary, history, download],
+            outputs=[last_seed, summary, history, download, cancel_note],
             queue=False,
             api_visibility="private",
         )
@@ -918,7 +940,6 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
             api_name="cancel",
             api_description="Cancel the job of this session (client); other sessions' jobs go on.",
         )
-        generate_btn.click(lambda: "", outputs=[cancel_note], queue=False, api_visibility="private")
 
         aspect.input(
             studio.pick_preset, [aspect, tier], [width, height, size_md], queue=False, api_visibility="private"
@@ -933,7 +954,7 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
         for g in (gallery, history):
             g.select(
                 studio.select_image,
-                outputs=[selected_params, params_md, selected_file],
+                outputs=[selected_params, params_md],
                 queue=False,
                 api_visibility="private",
             )
