@@ -70,20 +70,27 @@ def _get(url: str, timeout: float = 5.0):
     return httpx.get(url, timeout=timeout)
 
 
-def start_server(workdir: Path, tiny_dir: Path, *extra: str, timeout: float = 180.0) -> RunningServer:
-    """Spawn `python app.py --model tiny ...`, watch /health and /ready from the start, wait until ready."""
+def start_server(
+    workdir: Path,
+    tiny_dir: Path | None,
+    *extra: str,
+    timeout: float = 180.0,
+    on_up=None,
+    wait_ready: bool = True,
+) -> RunningServer:
+    """Spawn `python app.py --model tiny ...`, watch /health and /ready from the start, wait until ready.
+
+    on_up(server) runs once when /health first answers (the model is still loading then)."""
     import httpx
 
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     outputs = workdir / "outputs"
+    model = ["--model", "tiny", "--tiny-dir", str(tiny_dir)] if tiny_dir is not None else []
     cmd = [
         sys.executable,
         str(ROOT / "app.py"),
-        "--model",
-        "tiny",
-        "--tiny-dir",
-        str(tiny_dir),
+        *model,
         "--device",
         "cpu",
         "--min-size",
@@ -120,8 +127,11 @@ def start_server(workdir: Path, tiny_dir: Path, *extra: str, timeout: float = 18
             health = _get(server.url + "/health", 2.0).status_code
             r = _get(server.url + "/ready", 2.0)
             server.observed.append((time.monotonic() - t0, health, r.status_code, r.json()))
-            if r.status_code == 200:
+            if r.status_code == 200 or not wait_ready:
                 return server
+            if on_up is not None and health == 200:
+                on_up(server)
+                on_up = None
         except httpx.HTTPError:
             pass
         time.sleep(0.05)
@@ -133,8 +143,34 @@ def start_server(workdir: Path, tiny_dir: Path, *extra: str, timeout: float = 18
 # fixtures
 
 
+class EarlyRequest:
+    """A request made while the model loads: it waits in the queue and says so."""
+
+    def __init__(self):
+        self.job = None
+        self.descs: list[str] = []
+        self.thread: threading.Thread | None = None
+
+    def __call__(self, server: RunningServer) -> None:
+        self.job = submit(new_client(server), width=64, height=64, steps=2, seed=3)
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while not self.job.done():
+            for unit in self.job.status().progress_data or []:
+                if unit.desc and unit.desc not in self.descs:
+                    self.descs.append(unit.desc)
+            time.sleep(0.02)
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def early():
+    return EarlyRequest()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, early):
     work = tmp_path_factory.mktemp("server")
     # a fresh tiny folder: building it makes a loading window of several seconds to observe
     srv = start_server(
@@ -147,6 +183,7 @@ def server(tmp_path_factory):
         "--share",  # with auth: allowed; offline the link fails softly
         "--shutdown-grace-s",
         "60",
+        on_up=early,
     )
     yield srv
     srv.stop()
@@ -264,6 +301,37 @@ def test_page_is_up_before_the_model_and_ready_says_why(server):
     assert ok["ready"] is True and ok["memory_mode"] == "cpu" and ok["model"] == "tiny" and ok["load_seconds"] > 0
     h = _get(server.url + "/health")
     assert h.status_code == 200 and h.json()["status"] == "ok"
+
+
+def test_a_request_made_while_loading_waits_and_says_so(server, early):
+    gallery, details = early.job.result(timeout=120)
+    assert details["seeds"] == [3] and len(gallery) == 1
+    early.thread.join(10)
+    assert any(d.startswith("Waiting for the model to load") for d in early.descs), early.descs
+
+
+def test_a_model_that_fails_to_load_is_reported_by_ready_and_the_ui(tmp_path):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    missing = tmp_path / "no-such-model"
+    srv = start_server(tmp_path / "work", None, "--model", str(missing), wait_ready=False)
+    try:
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            r = _get(srv.url + "/ready")
+            if "failed to load" in r.json()["reason"]:
+                break
+            time.sleep(0.1)
+        assert r.status_code == 503
+        assert r.json()["reason"].startswith("the model failed to load:") and str(missing) in r.json()["reason"]
+        assert _get(srv.url + "/health").status_code == 200  # still serving, saying why
+        with pytest.raises(AppError, match="The model failed to load"):
+            generate(Client(srv.url, verbose=False), width=64, height=64)
+        assert srv.proc.poll() is None
+    finally:
+        assert srv.stop() == 0
+    assert "Traceback" not in srv.log() or "model loading failed" in srv.log()
 
 
 def test_generate_returns_the_requested_size_and_the_seed_it_reports(server, client):

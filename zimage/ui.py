@@ -312,11 +312,12 @@ def _load_card(load: dict[str, Any]) -> str:
         end = max((s["start_s"] + (s["duration_s"] or 0.0)) for s in stages) or 1.0
         for st in stages:
             dur = st.get("duration_s")
+            shown = _s(dur) if dur is not None else ("failed" if load.get("error") else "…")
             rows.append(
                 f'<div class="zi-row" title="{_e(st.get("detail", ""))}"><span class="zi-k">{_e(st["name"])}</span>'
                 f'<span class="zi-bar zi-gantt"><i style="margin-left:{100 * st["start_s"] / end:.1f}%;'
                 f'width:{max(1.0, 100 * (dur or 0) / end):.1f}%"></i></span>'
-                f'<span class="zi-v">{_e(_s(dur) if dur is not None else "…")}</span></div>'
+                f'<span class="zi-v">{_e(shown)}</span></div>'
             )
     if load.get("error"):
         rows.append(f'<p class="zi-error">Failed: {_e(load["error"])}</p>')
