@@ -70,14 +70,7 @@ def _get(url: str, timeout: float = 5.0):
     return httpx.get(url, timeout=timeout)
 
 
-def start_server(
-    workdir: Path,
-    tiny_dir: Path | None,
-    *extra: str,
-    timeout: float = 180.0,
-    on_up=None,
-    wait_ready: bool = True,
-) -> RunningServer:
+def start_server(workdir: Path, tiny_dir: Path, *extra: str, timeout: float = 180.0, on_up=None) -> RunningServer:
     """Spawn `python app.py --model tiny ...`, watch /health and /ready from the start, wait until ready.
 
     on_up(server) runs once when /health first answers (the model is still loading then)."""
@@ -86,11 +79,13 @@ def start_server(
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     outputs = workdir / "outputs"
-    model = ["--model", "tiny", "--tiny-dir", str(tiny_dir)] if tiny_dir is not None else []
     cmd = [
         sys.executable,
         str(ROOT / "app.py"),
-        *model,
+        "--model",
+        "tiny",
+        "--tiny-dir",
+        str(tiny_dir),
         "--device",
         "cpu",
         "--min-size",
@@ -127,7 +122,7 @@ def start_server(
             health = _get(server.url + "/health", 2.0).status_code
             r = _get(server.url + "/ready", 2.0)
             server.observed.append((time.monotonic() - t0, health, r.status_code, r.json()))
-            if r.status_code == 200 or not wait_ready:
+            if r.status_code == 200:
                 return server
             if on_up is not None and health == 200:
                 on_up(server)
@@ -310,28 +305,41 @@ def test_a_request_made_while_loading_waits_and_says_so(server, early):
     assert any(d.startswith("Waiting for the model to load") for d in early.descs), early.descs
 
 
-def test_a_model_that_fails_to_load_is_reported_by_ready_and_the_ui(tmp_path):
+def test_a_model_that_fails_to_load_is_reported_by_ready_and_the_ui(make_settings, tmp_path):
+    """In process (uvicorn on a thread, a real HTTP server): importing Gradio again costs ~10 s."""
     from gradio_client import Client
     from gradio_client.exceptions import AppError
 
+    from zimage.server import create_app
+
     missing = tmp_path / "no-such-model"
-    srv = start_server(tmp_path / "work", None, "--model", str(missing), wait_ready=False)
+    settings = make_settings(model=str(missing), host="127.0.0.1", port=free_port())
+    web = create_app(settings)
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(web.serve()), daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{settings.port}"
     try:
         end = time.monotonic() + 60
+        body: dict = {}
         while time.monotonic() < end:
-            r = _get(srv.url + "/ready")
-            if "failed to load" in r.json()["reason"]:
-                break
+            try:
+                r = _get(url + "/ready")
+                body = r.json()
+                if "failed to load" in body["reason"]:
+                    break
+            except Exception:  # noqa: BLE001 - not listening yet
+                pass
             time.sleep(0.1)
         assert r.status_code == 503
-        assert r.json()["reason"].startswith("the model failed to load:") and str(missing) in r.json()["reason"]
-        assert _get(srv.url + "/health").status_code == 200  # still serving, saying why
+        assert body["reason"].startswith("the model failed to load:") and str(missing) in body["reason"]
+        assert _get(url + "/health").status_code == 200  # still serving, saying why
         with pytest.raises(AppError, match="The model failed to load"):
-            generate(Client(srv.url, verbose=False), width=64, height=64)
-        assert srv.proc.poll() is None
+            generate(Client(url, verbose=False), width=64, height=64)
     finally:
-        assert srv.stop() == 0
-    assert "Traceback" not in srv.log() or "model loading failed" in srv.log()
+        web.request_exit(0)
+        thread.join(60)
+    assert codes == [0]
 
 
 def test_generate_returns_the_requested_size_and_the_seed_it_reports(server, client):
@@ -571,3 +579,23 @@ def test_sigterm_lets_the_running_job_finish_and_exits_0(server):
     log = server.log()
     assert "shutting down (SIGTERM)" in log and "exit code 0" in log
     assert "Traceback" not in log, log[-3000:]
+
+
+def test_request_exit_drains_and_returns_its_code(make_settings):
+    """The memory watchdog's path: Operations.request_exit(code) makes run() return code."""
+    from zimage.server import create_app
+
+    settings = make_settings(host="127.0.0.1", port=free_port())
+    web = create_app(settings)
+    seen: dict[str, int] = {}
+
+    def watchdog():
+        end = time.monotonic() + 120
+        while time.monotonic() < end and not web.engine.ready:
+            time.sleep(0.05)
+        seen["ready"] = _get(f"http://127.0.0.1:{settings.port}/ready").status_code
+        web.ops.request_exit(3)
+
+    threading.Thread(target=watchdog, daemon=True).start()
+    assert web.serve() == 3  # uvicorn in this (main) thread, as in python app.py
+    assert seen["ready"] == 200 and web.draining.is_set()

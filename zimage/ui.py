@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 GPU_QUEUE = "gpu"  # the one concurrency group of every listener that runs the pipeline
 CUSTOM = "Custom"
-HISTORY_LIMIT = 60
+HISTORY_LIMIT = 40
 # Gradio copies every returned image into its cache; these copies are only needed while a page
 # shows them (history is served from the outputs folder), so sweep hourly, keep six hours.
 CACHE_SWEEP = (3600, 6 * 3600)
@@ -385,25 +385,26 @@ def summary_markdown(details: dict[str, Any]) -> str:
 
 
 def parameters_markdown(params: dict[str, Any], name: str = "") -> str:
+    """A selected or dropped image's parameters, in three short lines."""
     if not params:
         return f"**{name}** carries no zimage parameters." if name else ""
-    rows = [
-        ("Prompt", params.get("prompt")),
-        ("Negative prompt", params.get("negative_prompt") or "—"),
-        ("Seed", params.get("seed")),
-        ("Size", f"{params.get('width')}×{params.get('height')}"),
-        ("Steps", params.get("steps")),
-        ("Guidance", params.get("guidance")),
-        ("Model", params.get("model")),
-        ("Memory mode", params.get("memory_mode")),
-        ("Device", params.get("device")),
+    facts = [
+        f"seed `{params.get('seed')}`",
+        f"`{params.get('width')}×{params.get('height')}`",
+        f"{params.get('steps')} steps",
+        f"guidance {params.get('guidance')}",
     ]
-    timings = params.get("timings") or {}
-    if timings:
-        rows.append(("Time", _s(timings.get("total_s"))))
-    head = f"**{name}**  \n" if name else ""
-    body = "  \n".join(f"{k}: `{v}`" if k != "Prompt" else f"{k}: {v}" for k, v in rows if v not in (None, ""))
-    return head + body
+    for key, label in (("model", "model"), ("memory_mode", "mode"), ("device", "on")):
+        if params.get(key):
+            facts.append(f"{label} {params[key]}")
+    total = (params.get("timings") or {}).get("total_s")
+    if total is not None:
+        facts.append(_s(total))
+    lines = [f"**{name}** · {params.get('prompt', '')}" if name else str(params.get("prompt", ""))]
+    lines.append(" · ".join(facts))
+    if params.get("negative_prompt"):
+        lines.append(f"Negative prompt: {params['negative_prompt']}")
+    return "  \n".join(lines)
 
 
 _SEED_IN_NAME = re.compile(r"-seed(\d+)")
@@ -602,7 +603,7 @@ class Studio:
         files = [f for f in files if Path(f).is_file()]
         seed = (details or {}).get("seed", -1)
         download = gr.update(value=files or None, visible=bool(files))
-        return seed, summary_markdown(details), self.history(), download, ""
+        return seed, summary_markdown(details), download, ""
 
     # --- history, parameters ------------------------------------------------------------
 
@@ -862,7 +863,7 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
                         )
                         with gr.Accordion("Details (JSON)", open=False):
                             details = gr.JSON(label="Details", elem_id="zi-details")
-                    with gr.Tab("History", id="history"):
+                    with gr.Tab("History", id="history") as history_tab:
                         with gr.Row(equal_height=True):
                             gr.Markdown(
                                 "Saved outputs, newest first. Select one to see its parameters.",
@@ -887,11 +888,11 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
                             elem_id="zi-drop",
                         )
                 with gr.Group(elem_id="zi-params"):
-                    with gr.Row(equal_height=True):
-                        params_md = gr.Markdown(
-                            "Select an image (result or history) to see its parameters.", elem_id="zi-params-md"
-                        )
-                        use_btn = gr.Button("Use these settings", size="sm", scale=0, min_width=160, elem_id="zi-use")
+                    params_md = gr.Markdown(
+                        "Select an image (result or history) to see its parameters.", elem_id="zi-params-md"
+                    )
+                    with gr.Row(elem_id="zi-params-actions"):
+                        use_btn = gr.Button("Use these settings", size="sm", scale=0, min_width=170, elem_id="zi-use")
 
                 if examples:
                     gr.Examples(
@@ -929,7 +930,7 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
         gen_event.success(
             studio.after_generate,
             inputs=[details],
-            outputs=[last_seed, summary, history, download, cancel_note],
+            outputs=[last_seed, summary, download, cancel_note],
             queue=False,
             api_visibility="private",
         )
@@ -967,7 +968,10 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
             queue=False,
             api_visibility="private",
         )
-        refresh_btn.click(studio.history, outputs=[history], queue=False, api_visibility="private")
+        # Read from disk when looked at (Gradio hashes and copies every file it shows into its
+        # cache, so the history is not refreshed after every run nobody is watching).
+        for trigger in (history_tab.select, refresh_btn.click):
+            trigger(studio.history, outputs=[history], queue=False, api_visibility="private")
 
         # live panel: queue=False so it answers while the GPU is busy
         timer = gr.Timer(1.0)
@@ -977,7 +981,6 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
         demo.load(
             studio.tick, outputs=[profiler, banner], queue=False, show_progress="hidden", api_visibility="private"
         )
-        demo.load(studio.history, outputs=[history], queue=False, show_progress="hidden", api_visibility="private")
 
     demo.queue(max_size=settings.queue_size, api_open=False, default_concurrency_limit=1)
     return demo
