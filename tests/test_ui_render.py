@@ -136,3 +136,25 @@ def test_summary_names_the_seed_used_and_each_stage():
     }
     md = ui.summary_markdown(details)
     assert "Seed 42, 43" in md and "8.90 it/s" in md and "VAE decode" in md and "retried with VAE tiling" in md
+
+
+def test_selecting_reads_only_this_studios_images(engine, make_settings, tmp_path):
+    import gradio as gr
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    from zimage.ops import Operations
+
+    settings = make_settings()
+    studio = ui.Studio(engine, Operations(engine, settings, lambda code: None), settings)
+    result = engine.generate(engine.default_request("an owl", width=64, height=64, steps=2, seed=21))
+    ours = result.wait_saved(30)[0]
+    params, md = studio.select_image(gr.SelectData(None, {"index": 0, "value": {"image": {"path": ours}}}))
+    assert params["seed"] == 21 and "an owl" in md
+
+    elsewhere = tmp_path / "secret.png"  # a PNG outside the outputs folder and Gradio's cache
+    info = PngInfo()
+    info.add_text("parameters", "secret prompt\nSteps: 8, Seed: 1, Size: 64x64")
+    Image.new("RGB", (8, 8)).save(elsewhere, pnginfo=info)
+    params, md = studio.select_image(gr.SelectData(None, {"index": 0, "value": {"image": {"path": str(elsewhere)}}}))
+    assert params == {} and "secret" not in md

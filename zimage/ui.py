@@ -616,11 +616,24 @@ class Studio:
         path = (image or {}).get("path") if isinstance(image, dict) else None
         if not path:
             return {}, "Select an image to see its parameters."
+        if not self._may_read(path):  # the path comes from the browser: only our images
+            return {}, "That image is not one of this studio's outputs."
         try:
             params = read_parameters(path)
         except Exception:  # noqa: BLE001 - a file that is not a readable PNG has no parameters
             params = {}
         return params, parameters_markdown(params, value.get("caption") or Path(path).name)
+
+    def _may_read(self, path: str) -> bool:
+        """Inside the outputs folder or Gradio's cache (where shown images are copied)."""
+        from gradio.utils import get_upload_folder
+
+        try:
+            real = Path(path).resolve()
+        except (OSError, RuntimeError):
+            return False
+        roots = (Path(self.engine.store.folder).resolve(), Path(get_upload_folder()).resolve())
+        return real.suffix.lower() == ".png" and any(real.is_relative_to(r) for r in roots)
 
     def load_png(self, file: Any):
         """A PNG dropped on the page: its embedded parameters, and the form filled with them."""
