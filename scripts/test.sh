@@ -6,7 +6,7 @@ source scripts/install.sh
 .venv/bin/python -m pip install -q -r requirements-test.txt
 # The browser test drives Debian's Chromium through Playwright (no browser download).
 if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-wqy-microhei >/dev/null) \
     || echo "warning: could not install chromium; the browser test will fail" >&2
 fi
 .venv/bin/ruff check .

@@ -5,7 +5,17 @@ import pytest
 import torch
 
 from zimage.engine import Engine, OutOfMemory
-from zimage.memory import Footprint, GPUInfo, Hardware, choose_mode, is_oom, is_unrecoverable_cuda, next_lower
+from zimage.memory import (
+    Footprint,
+    GPUInfo,
+    Hardware,
+    cap_per_gpu,
+    choose_mode,
+    is_oom,
+    is_unrecoverable_cuda,
+    next_lower,
+    parse_max_memory,
+)
 from zimage.requests import GenerationRequest
 
 from .conftest import pixels
@@ -161,3 +171,23 @@ def test_oom_twice_gives_a_clear_error_and_the_server_recovers(make_settings):
     assert "Out of GPU memory at 128x96" in msg and "Try a smaller size" in msg and "next request" in msg
     assert eng.metrics.requests.labels("oom")._value.get() == 1
     assert eng.generate(REQ, save=False).images
+
+
+def test_max_memory_is_respected():
+    caps = parse_max_memory("0=12GiB, 1=16GiB")
+    assert caps == {0: 12 * GiB, 1: 16 * GiB}
+    two_big = hw((79, 80), (79, 80))
+    assert choose_mode(two_big, REAL, "auto").mode == "gpu"
+    plan = choose_mode(cap_per_gpu(two_big, caps), REAL, "auto")
+    assert plan.mode == "multi-gpu"
+    assert plan.placement == {"transformer": "cuda:1", "vae": "cuda:1", "text_encoder": "cuda:0"}
+    assert parse_max_memory("0=1.5GB") == {0: 1_500_000_000}
+    with pytest.raises(ValueError, match="0=20GiB"):
+        parse_max_memory("lots")
+
+
+def test_bad_max_memory_setting_is_named():
+    from zimage.settings import SettingsError, from_sources
+
+    with pytest.raises(SettingsError, match="gpu_max_memory"):
+        from_sources({"gpu_max_memory": "0:20"}, environ={})

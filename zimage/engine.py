@@ -179,7 +179,14 @@ class Engine:
 
             stage = tl.begin("plan memory")
             self.device, self._dtype = self._pick_device(torch)
-            from .memory import Hardware, apply_memory_fraction, capped_hardware, probe_hardware
+            from .memory import (
+                Hardware,
+                apply_memory_fraction,
+                cap_per_gpu,
+                capped_hardware,
+                parse_max_memory,
+                probe_hardware,
+            )
 
             hw = probe_hardware() if self.device.startswith("cuda") else _cpu_hardware()
             if self.device.startswith("cuda:"):  # one GPU named: the policy sees only that one
@@ -188,6 +195,7 @@ class Engine:
             for g in hw.gpus:
                 apply_memory_fraction(s.memory_fraction, g.index)
             hw = capped_hardware(hw, s.memory_fraction)
+            hw = cap_per_gpu(hw, parse_max_memory(s.gpu_max_memory))
             fp = footprint(self.source, s.trim_text_encoder)
             resident = int(s.lowvram_resident_gib * (1 << 30)) if s.lowvram_resident_gib >= 0 else -1
             self.plan = choose_mode(hw, fp, s.memory_mode, resident)

@@ -224,6 +224,35 @@ def capped_hardware(hw: Hardware, fraction: float) -> Hardware:
     return Hardware(gpus, hw.host_total, hw.host_available)
 
 
+def parse_max_memory(text: str) -> dict[int, int]:
+    """'0=20GiB,1=70GiB' -> {0: bytes, 1: bytes} (accelerate's max_memory, per GPU index)."""
+    out: dict[int, int] = {}
+    units = {"gib": 1 << 30, "gb": 10**9, "mib": 1 << 20, "mb": 10**6}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        index, _, amount = part.partition("=")
+        amount = amount.strip().lower()
+        unit = next((u for u in units if amount.endswith(u)), None)
+        try:
+            number = float(amount[: -len(unit)] if unit else amount)
+            out[int(index)] = int(number * (units[unit] if unit else 1))
+        except ValueError:
+            raise ValueError(
+                f"gpu_max_memory entries must look like 0=20GiB (got {part!r}); units GiB, GB, MiB, MB"
+            ) from None
+    return out
+
+
+def cap_per_gpu(hw: Hardware, caps: dict[int, int]) -> Hardware:
+    """What the policy should see when max_memory limits some GPUs."""
+    if not caps:
+        return hw
+    gpus = tuple(
+        GPUInfo(g.index, g.name, min(g.total, caps.get(g.index, g.total)), min(g.free, caps.get(g.index, g.free)))
+        for g in hw.gpus
+    )
+    return Hardware(gpus, hw.host_total, hw.host_available)
+
+
 # ------------------------------------------------------------------------------------------
 # errors
 

@@ -178,7 +178,8 @@ class Settings:
     )
     gpu_max_memory: str = opt(
         "",
-        "multi-gpu: accelerate max_memory per GPU, e.g. '0=20GiB,1=70GiB' (empty = all).",
+        "Most memory the policy may plan on each GPU, as accelerate's max_memory: e.g. '0=20GiB,1=70GiB' "
+        "(empty = all free memory). Components are placed whole, each on one GPU.",
         group="memory",
     )
 
@@ -327,6 +328,13 @@ def _check(s: Settings) -> Settings:
         raise SettingsError(f"Setting 'port' must be within 1..65535 (got {s.port}).")
     if s.load_threads < 1 or s.staging_mb < 1:
         raise SettingsError("Settings 'load_threads' and 'staging_mb' must be at least 1.")
+    if s.gpu_max_memory:
+        from .memory import parse_max_memory
+
+        try:
+            parse_max_memory(s.gpu_max_memory)
+        except ValueError as exc:
+            raise SettingsError(f"Setting 'gpu_max_memory': {exc}") from None
     for entry in s.auth:
         if ":" not in entry or not entry.split(":", 1)[0]:
             raise SettingsError(f"Setting 'auth' entries must look like user:password (got {entry!r}).")

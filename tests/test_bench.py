@@ -1,0 +1,56 @@
+"""The benchmark's plumbing on the CPU: rows in fresh processes, JSON and table (numbers mean nothing here)."""
+
+import json
+import os
+import subprocess
+import sys
+
+from zimage import tiny
+from zimage.fullsize import CONFIGS, build
+
+from .conftest import ROOT
+
+
+def test_bench_run_writes_rows_and_table(tmp_path):
+    cfgs = json.loads(CONFIGS.read_text())
+    cfgs["transformer/config.json"] = dict(_class_name="ZImageTransformer2DModel", **tiny.TRANSFORMER_CONFIG)
+    cfgs["text_encoder/config.json"] = dict(tiny.TEXT_ENCODER_CONFIG, vocab_size=16384, model_type="qwen3")
+    cfgs["vae/config.json"] = dict(tiny.VAE_CONFIG)
+    model = build(tmp_path / "model", device="cpu", configs=cfgs)
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "zimage",
+            "bench",
+            "run",
+            "--model",
+            str(model),
+            "--rows",
+            "plain-warm,zimage-warm",
+            "--size",
+            "128",
+            "--runs",
+            "1",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert results["env"]["torch"] and results["env"]["device"] == "cpu"
+    plain, ours = results["rows"]["plain-warm"], results["rows"]["zimage-warm"]
+    assert "error" not in plain and "error" not in ours, (plain.get("error"), ours.get("error"))
+    for row in (plain, ours):
+        assert row["start_to_ready_s"] > 0 and row["warm_median_s"] > 0 and row["first_image_s"] > 0
+    assert ours["memory_mode"] == "cpu" and ours["with_saving"]["request_to_png_alone_s"] > 0
+    assert [s["name"] for s in ours["load_timeline"]][:2] == ["find model", "import torch"]
+    assert "| zimage-warm |" in proc.stdout and "| plain-warm |" in proc.stdout
