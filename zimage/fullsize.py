@@ -41,14 +41,12 @@ def _corpus(limit_bytes: int = 24 << 20):
 
 
 def build_tokenizer(dest: Path, vocab_size: int = 16384) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    from .tiny import CHAT_TEMPLATE, SPECIAL_TOKENS
+    from .tiny import SPECIAL_TOKENS, name_as_qwen2, qwen_style
 
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
@@ -56,19 +54,9 @@ def build_tokenizer(dest: Path, vocab_size: int = 16384) -> None:
         show_progress=False,
     )
     core.train_from_iterator(_corpus(), trainer=trainer)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:],
-        model_max_length=131072,
-    )
-    tok.chat_template = CHAT_TEMPLATE
-    tok.padding_side = "right"
+    tok = qwen_style(core, model_max_length=131072)
     tok.save_pretrained(dest)
-    cfg = json.loads((dest / "tokenizer_config.json").read_text())
-    cfg["tokenizer_class"] = "Qwen2Tokenizer"
-    (dest / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    name_as_qwen2(dest)
 
 
 def _random_state(module, device) -> dict:

@@ -97,8 +97,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def build_tokenizer():
     """A byte-level BPE tokenizer with Qwen's special tokens and chat template, built offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
 
     vocab = {ch: i for i, ch in enumerate(_bytes_to_unicode().values())}
     # A few merges so that common text is shorter than one token per byte.
@@ -106,6 +105,16 @@ def build_tokenizer():
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
     core = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok = qwen_style(core, model_max_length=4096)
+    tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    return tok
+
+
+def qwen_style(core, model_max_length: int):
+    """Wrap a byte-level BPE `tokenizers.Tokenizer` with Qwen's special tokens and chat template."""
+    from tokenizers import decoders, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(
@@ -113,12 +122,19 @@ def build_tokenizer():
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=SPECIAL_TOKENS[1:],
-        model_max_length=4096,
+        model_max_length=model_max_length,
     )
-    tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
     tok.chat_template = CHAT_TEMPLATE
     tok.padding_side = "right"
     return tok
+
+
+def name_as_qwen2(tokenizer_dir: Path) -> None:
+    """The real release names Qwen2Tokenizer; say the same so AutoTokenizer takes the same class."""
+    cfg_path = Path(tokenizer_dir) / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = "Qwen2Tokenizer"
+    cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
 def build_components(seed: int = 0):
@@ -157,11 +173,7 @@ def write_model(dest: Path, seed: int = 0) -> Path:
     try:
         # Small shards, so the sharded-checkpoint path (index json) is exercised like the real model's.
         pipe.save_pretrained(tmp, safe_serialization=True, max_shard_size="100KB")
-        # The real release names Qwen2Tokenizer; say the same so AutoTokenizer takes the same class.
-        cfg_path = tmp / "tokenizer" / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg["tokenizer_class"] = "Qwen2Tokenizer"
-        cfg_path.write_text(json.dumps(cfg, indent=2))
+        name_as_qwen2(tmp / "tokenizer")
         index_path = tmp / "model_index.json"
         index = json.loads(index_path.read_text())
         index["tokenizer"] = ["transformers", "Qwen2Tokenizer"]
