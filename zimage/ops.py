@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -93,5 +94,51 @@ class Operations:
         return self.purger.run_once().as_dict()
 
     def status(self) -> dict[str, Any]:
-        """Plain data for the profiler panel: the purge's last run and totals, the watchdog's state."""
-        return {"purge": self.purger.status(), "watchdog": self.watchdog.status()}
+        """Plain data for the profiler panel: the purge's last run and totals, the watchdog's state.
+
+        Flat, with scalar values only, so a generic key/value panel shows it as it is; the
+        nested records are purger.status() and watchdog.status()."""
+        p = self.purger.status()
+        w = self.watchdog.status()
+        last = p["last"] or {}
+        totals = p["totals"]
+        removed = last.get("removed") or []
+        more = last.get("files", 0) - len(removed)
+        return {
+            "purge_enabled": p["enabled"],
+            "purge_every_minutes": p["every_minutes"],
+            "purge_policy": p["policy"]["describe"],
+            "purge_folders": ", ".join(p["folders"]),
+            "purge_last_run": _when(last.get("started")),
+            "purge_last_outcome": last.get("outcome"),
+            "purge_last_seconds": last.get("seconds"),
+            "purge_last_removed_files": last.get("files", 0),
+            "purge_last_removed_bytes": last.get("bytes", 0),
+            "purge_last_removed": ", ".join(Path(r).name for r in removed) + (f" (+{more} more)" if more > 0 else ""),
+            "purge_last_errors": "; ".join(last.get("errors") or []),
+            "purge_next_run": _when(p["next_run"]),
+            "purge_total_runs": totals["runs"],
+            "purge_total_failed_runs": totals["errors"],
+            "purge_total_files": totals["files"],
+            "purge_total_bytes": totals["bytes"],
+            "watchdog": (
+                f"exits with {w['exit_code']} on an unrecoverable CUDA error"
+                + (
+                    f" or when reserved VRAM stays above {w['threshold_gib']:g} GiB for {w['strikes']} job(s)"
+                    if w["memory_check"]
+                    else "; memory check off (watchdog_reserved_gib = 0)"
+                )
+            ),
+            "watchdog_memory_check": w["memory_check"],
+            "watchdog_threshold_gib": w["threshold_gib"],
+            "watchdog_strikes": w["strikes"],
+            "watchdog_exit_code": w["exit_code"],
+            "watchdog_jobs_seen": w["jobs_seen"],
+            "watchdog_recent_reserved_gib": ", ".join("-" if v is None else f"{v:g}" for v in w["recent_reserved_gib"]),
+            "watchdog_last": w["last_verdict"],
+            "watchdog_exiting": w["exiting"],
+        }
+
+
+def _when(ts: float | None) -> str | None:
+    return None if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))

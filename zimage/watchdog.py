@@ -169,7 +169,7 @@ class MemoryWatchdog:
 
     def status(self) -> dict[str, Any]:
         return {
-            "enabled": self.threshold_bytes > 0,
+            "memory_check": self.threshold_bytes > 0,  # unrecoverable CUDA errors are acted on always
             "threshold_gib": self.threshold_bytes / GiB,
             "strikes": self.strikes,
             "exit_code": WATCHDOG_EXIT_CODE,
