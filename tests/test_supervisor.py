@@ -53,6 +53,7 @@ def shipped(tmp_path):
 
 
 def test_shipped_config_parses_and_fits_the_app(shipped):
+    """supervisord.conf and the zimage.conf it includes, as Supervisor itself reads them."""
     p = realize(shipped / "supervisor" / "supervisord.conf")
     from supervisor.datatypes import RestartUnconditionally
 
@@ -76,20 +77,26 @@ def test_shipped_config_parses_and_fits_the_app(shipped):
     assert p.stopwaitsecs >= settings.shutdown_grace_s + 45
 
 
-def test_system_supervisor_variant(shipped, tmp_path):
-    """README's recipe for a system supervisord: %(here)s/.. replaced by the checkout's path."""
+def test_system_supervisor_variant(tmp_path):
+    """README's recipe for a system supervisord, run as written: sed fills in the checkout and the user."""
+    import getpass
+    import subprocess
+
     checkout = tmp_path / "opt" / "zimage"
     (checkout / "logs").mkdir(parents=True)
-    text = (ROOT / "supervisor" / "zimage.conf").read_text().replace("%(here)s/..", str(checkout))
+    user = getpass.getuser()
+    sed = ["sed", "-e", rf"s|%(here)s/\.\.|{checkout}|g", "-e", f"s|^; user=zimage.*|user={user}|"]
+    text = subprocess.run([*sed, str(ROOT / "supervisor" / "zimage.conf")], capture_output=True, text=True, check=True)
+    assert not [line for line in text.stdout.splitlines() if "%(here)s" in line and not line.startswith(";")]
     confd = tmp_path / "etc" / "conf.d"
     confd.mkdir(parents=True)
-    (confd / "zimage.conf").write_text(text)
+    (confd / "zimage.conf").write_text(text.stdout)
     (tmp_path / "etc" / "supervisord.conf").write_text(
         f"[supervisord]\nlogfile={tmp_path}/sd.log\npidfile={tmp_path}/sd.pid\n[include]\nfiles = conf.d/*.conf\n"
     )
     p = realize(tmp_path / "etc" / "supervisord.conf")
     assert p.command == f"{checkout}/.venv/bin/python {checkout}/app.py" and p.directory == str(checkout)
-    assert p.environment["ZIMAGE_OUTPUTS_DIR"] == f"{checkout}/outputs"
+    assert p.environment["ZIMAGE_OUTPUTS_DIR"] == f"{checkout}/outputs" and p.uid == os.getuid()
 
 
 def test_watchdog_exit_code_makes_supervisor_restart(tmp_path_factory):
