@@ -175,7 +175,7 @@ def test_files_being_written_are_spared(tmp_path):
 def test_a_file_written_during_purges_is_never_removed(tmp_path):
     """A writer appends to an old-named file while purge runs back to back with every cap at its tightest."""
     path = make(tmp_path, out_name(1), 900 * HOUR)
-    purger = Purger(tmp_path, policy=PurgePolicy(max_age_s=1, max_count=1, max_bytes=1, fresh_s=2.0))
+    purger = Purger(tmp_path, policy=PurgePolicy(max_age_s=1, max_count=1, max_bytes=1, fresh_s=5.0))
     stop = threading.Event()
 
     def writer():
@@ -188,7 +188,7 @@ def test_a_file_written_during_purges_is_never_removed(tmp_path):
     thread = threading.Thread(target=writer)
     thread.start()
     try:
-        time.sleep(0.1)
+        _wait(lambda: path.stat().st_size > 100)  # the writer has begun
         for _ in range(20):
             assert purger.run_once().files == 0
             time.sleep(0.02)
