@@ -193,7 +193,14 @@ def test_status_reports_mode_device_and_timeline(engine):
     st = engine.status()
     assert st["ready"] and st["memory_mode"] == "cpu" and st["device"] == "cpu"
     names = [s["name"] for s in st["load"]["stages"]]
-    assert names[:4] == ["import libraries", "find model", "plan memory", "read weights"]
+    assert names[:6] == [
+        "find model",
+        "import torch",
+        "plan memory",
+        "import libraries",
+        "read weights",
+        "assemble pipeline",
+    ]
     assert st["last"]["timings"].steps
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -260,17 +261,160 @@ class LoadOptions:
         )
 
 
+def prefetch_hint(source: ModelSource, budget_fraction: float = 0.4) -> threading.Thread | None:
+    """Ask the kernel to start reading the weight files now (readahead), before torch is even
+    imported, so a cold disk is busy from the first second. Budgeted to a share of free RAM so
+    that the pages are still cached when the readers get to them."""
+    if not hasattr(os, "posix_fadvise"):
+        return None
+    try:
+        import psutil
+
+        budget = int(psutil.virtual_memory().available * budget_fraction)
+    except Exception:  # noqa: BLE001
+        budget = 8 << 30
+    files = []
+    for comp in ("text_encoder", "transformer", "vae"):  # the order the readers need them
+        files += sorted((source.path / comp).glob("*.safetensors"))
+
+    def run() -> None:
+        left = budget
+        for path in files:
+            if left <= 0:
+                break
+            try:
+                size = path.stat().st_size
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, min(size, left), os.POSIX_FADV_WILLNEED)
+                finally:
+                    os.close(fd)
+                left -= size
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=run, name="readahead", daemon=True)
+    thread.start()
+    return thread
+
+
+class WeightLoad:
+    """A model's weights being read in the background, straight to where the plan puts them.
+
+    It needs only torch and the safetensors headers, so it starts before diffusers and
+    transformers are imported: the imports and the disk overlap.
+    """
+
+    def __init__(
+        self,
+        source: ModelSource,
+        placement: dict[str, str],
+        opts: LoadOptions,
+        progress: Callable[[str, float], None] | None = None,
+        pin_offloaded: bool = False,
+    ):
+        from .weights import index_folder
+
+        self.source = source
+        self.placement = placement
+        self.opts = opts
+        self.progress = progress
+        self.pin_offloaded = pin_offloaded
+        self.entries: dict[str, dict] = {}
+        for comp in COMPONENTS:
+            comp_entries = index_folder(source.path / comp)
+            if comp == "text_encoder":
+                comp_entries = _text_encoder_entries(comp_entries, source.path / comp, opts.trim)
+            self.entries[comp] = comp_entries
+        self.total = sum(e.nbytes for es in self.entries.values() for e in es.values())
+        self.started = 0.0
+        self.finished = 0.0
+        self._done_by: dict[str, int] = {}
+        self._states: dict[str, dict] | None = None
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> WeightLoad:
+        self.started = time.perf_counter()
+        self._thread = threading.Thread(target=self._run, name="weights", daemon=True)
+        self._thread.start()
+        return self
+
+    def wait(self) -> dict[str, dict]:
+        """component -> {key: tensor}; raises what the readers met."""
+        if self._thread is None:
+            self.start()
+        assert self._thread is not None
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._states is not None
+        return self._states
+
+    @property
+    def seconds(self) -> float:
+        return max(0.0, self.finished - self.started)
+
+    def _on_progress(self, comp: str):
+        def cb(done: int, _total: int) -> None:
+            self._done_by[comp] = done
+            if self.progress:
+                self.progress("weights", sum(self._done_by.values()) / max(self.total, 1))
+
+        return cb
+
+    def _read(self, comp: str) -> dict:
+        import torch
+
+        from .weights import WeightReader
+
+        opts = self.opts
+        dev = self.placement[comp]
+        comp_entries = self.entries[comp]
+        gpu_exec = any(d.startswith("cuda") for d in self.placement.values())
+        if dev == "cpu" and self.pin_offloaded and gpu_exec and torch.cuda.is_available():
+            # streamed later: pinned host memory, so every onload is a DMA copy
+            dest = _pinned_like(comp_entries, None)
+            reader = WeightReader("cpu", opts.threads, opts.staging_mb << 20, False, False, opts.mmap)
+            reader.progress = self._on_progress(comp)
+            return reader.read_into(comp_entries, dest)
+        reader = WeightReader(dev, opts.threads, opts.staging_mb << 20, opts.pinned, opts.streams, opts.mmap)
+        reader.progress = self._on_progress(comp)
+        tensors = reader.read(comp_entries.values())
+        return {k: tensors[e.name] for k, e in comp_entries.items()}
+
+    def _run(self) -> None:
+        try:
+            # The text encoder runs first, so it is read first; one component's readers already
+            # keep the disk busy with many requests in flight.
+            order = ("text_encoder", "transformer", "vae")
+            if self.opts.parallel:
+                from concurrent.futures import ThreadPoolExecutor
+
+                with ThreadPoolExecutor(max_workers=len(order), thread_name_prefix="load") as pool:
+                    futures = {comp: pool.submit(self._read, comp) for comp in order}
+                    self._states = {comp: f.result() for comp, f in futures.items()}
+            else:
+                self._states = {comp: self._read(comp) for comp in order}
+        except BaseException as exc:  # noqa: BLE001 - re-raised by wait()
+            self._error = exc
+        finally:
+            self.finished = time.perf_counter()
+
+
 def load_components(
     source: ModelSource,
     placement: dict[str, str],
     opts: LoadOptions,
     progress: Callable[[str, float], None] | None = None,
     pin_offloaded: bool = False,
+    pending: WeightLoad | None = None,
 ) -> dict[str, Any]:
     """transformer, text_encoder, vae, tokenizer, scheduler: weights where `placement` says.
 
     Components placed on "cpu" while a GPU exists are to be streamed or offloaded; with
     pin_offloaded their weights land in pinned host memory so that copies run at DMA speed.
+    `pending` is a WeightLoad already started (to overlap reading with imports).
     """
     index = read_model_index(source.path)
     import torch
@@ -283,7 +427,8 @@ def load_components(
 
     if opts.loader == "fast":
         try:
-            modules = _load_fast(index, folder, placement, opts, progress, pin_offloaded)
+            pending = pending or WeightLoad(source, placement, opts, progress, pin_offloaded).start()
+            modules = _assemble_fast(index, folder, pending, placement, opts)
         except Exception as exc:  # noqa: BLE001 - fall back to the library loader, loudly
             log.warning("fast loader failed (%s: %s); falling back to from_pretrained", type(exc).__name__, exc)
             modules = {}
@@ -310,66 +455,15 @@ def load_components(
     return modules
 
 
-def _load_fast(index, folder: Path, placement, opts: LoadOptions, progress, pin_offloaded) -> dict[str, Any]:
-    import torch
-
-    from .weights import WeightReader, index_folder
-
+def _assemble_fast(index, folder: Path, pending: WeightLoad, placement, opts: LoadOptions) -> dict[str, Any]:
+    """Build each component empty (meta weights) while the reads run, then hand it the tensors."""
     empties: dict[str, Any] = {}
-    entries: dict[str, dict] = {}
     for comp in COMPONENTS:
-        cls = _component_class(index, comp)
-        module = _empty_component(cls, folder / comp)
-        comp_entries = index_folder(folder / comp)
-        if comp == "text_encoder":
-            comp_entries = _text_encoder_entries(comp_entries, folder / comp, opts.trim)
-            if opts.trim:
-                trim_text_encoder(module)
+        module = _empty_component(_component_class(index, comp), folder / comp)
+        if comp == "text_encoder" and opts.trim:
+            trim_text_encoder(module)
         empties[comp] = module
-        entries[comp] = comp_entries
-
-    total = sum(e.nbytes for es in entries.values() for e in es.values())
-    done_by: dict[str, int] = {}
-
-    def on_progress(comp: str):
-        def cb(done: int, _total: int) -> None:
-            done_by[comp] = done
-            if progress:
-                progress("weights", sum(done_by.values()) / max(total, 1))
-
-        return cb
-
-    def read(comp: str) -> dict[str, torch.Tensor]:
-        dev = placement[comp]
-        comp_entries = entries[comp]
-        gpu_exec = any(d.startswith("cuda") for d in placement.values())
-        if dev == "cpu" and pin_offloaded and gpu_exec and torch.cuda.is_available():
-            dest = _pinned_like(comp_entries, None)
-            reader = WeightReader(
-                "cpu", opts.threads, opts.staging_mb << 20, False, False, opts.mmap, on_progress(comp)
-            )
-            tensors = reader.read_into(comp_entries, dest)
-        else:
-            reader = WeightReader(
-                dev, opts.threads, opts.staging_mb << 20, opts.pinned, opts.streams, opts.mmap, on_progress(comp)
-            )
-            tensors = reader.read(comp_entries.values())
-            tensors = {k: tensors[e.name] for k, e in comp_entries.items()}
-        log.debug("read %s: %.2f GiB/s", comp, reader.stats.gib_per_s)
-        return tensors
-
-    # The text encoder runs first, so it is read first; the readers of one component already
-    # keep the disk busy with many requests, and components follow each other.
-    order = ("text_encoder", "transformer", "vae")
-    if opts.parallel:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=len(order), thread_name_prefix="load") as pool:
-            futures = {comp: pool.submit(read, comp) for comp in order}
-            states = {comp: f.result() for comp, f in futures.items()}
-    else:
-        states = {comp: read(comp) for comp in order}
-
+    states = dict(pending.wait())
     out = {}
     for comp in COMPONENTS:
         module = empties[comp]
@@ -414,6 +508,8 @@ __all__ = [
     "DEFAULT_MODEL",
     "LoadOptions",
     "ModelNotFound",
+    "WeightLoad",
+    "prefetch_hint",
     "ModelSource",
     "assemble",
     "footprint",

@@ -297,7 +297,10 @@ def detach_embeddings(text_encoder: Any) -> None:
     """Keep the 0.8 GB token-embedding table on the host: only the prompt's rows are looked up
     there and sent to the GPU, instead of the whole table travelling for every prompt."""
     if getattr(text_encoder, "_zimage_embed", None) is None and text_encoder.embed_tokens is not None:
-        text_encoder._zimage_embed = text_encoder.embed_tokens
+        # A plain attribute, not a submodule: a registered child would join the offload hooks'
+        # "unmatched" group, which copies it to the GPU and back (through pageable memory) for
+        # every prompt. Measured on an H100 before this fix: 0.77-0.87 s per prompt.
+        object.__setattr__(text_encoder, "_zimage_embed", text_encoder.embed_tokens)
         text_encoder.embed_tokens = None
 
 

@@ -58,7 +58,7 @@ class Settings:
     )
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) of the model.", group="model")
     tiny_dir: str = opt(
-        lambda: str(_cache_home() / "tiny-v1"),
+        lambda: str(_cache_home() / "tiny"),
         "Folder where the tiny test model is written once and loaded from afterwards.",
         group="model",
     )
@@ -92,7 +92,11 @@ class Settings:
         "reads overlap host-to-GPU copies.",
         group="speed",
     )
-    staging_mb: int = opt(64, "Size of each pinned staging buffer of the fast loader, MiB.", group="speed")
+    staging_mb: int = opt(
+        16,
+        "Size of each pinned staging buffer of the fast loader, MiB (16 read fastest on an H100 box).",
+        group="speed",
+    )
     compile: str = opt(
         "auto",
         "torch.compile of the transformer blocks: auto (regional on GPU, off on CPU), off, "
@@ -100,7 +104,17 @@ class Settings:
         choices=COMPILE_MODES,
         group="speed",
     )
-    compile_vae: bool = opt(True, "GPU only: torch.compile the VAE decoder (channels_last).", group="speed")
+    compile_vae: bool = opt(
+        False,
+        "GPU only: torch.compile the VAE decoder (channels_last): 0.05 s instead of 0.09 s per 1024px decode "
+        "on an H100, but it recompiles for every new image size and adds to start-up.",
+        group="speed",
+    )
+    compile_text_encoder: bool = opt(
+        False,
+        "GPU only: torch.compile each text-encoder layer (fewer kernel launches for short prompts).",
+        group="speed",
+    )
     compile_cache_dir: str = opt(
         lambda: str(_cache_home() / "inductor"),
         "Persistent compile cache (TORCHINDUCTOR_CACHE_DIR) so a restart skips compiling.",

@@ -15,6 +15,63 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 
+def exact_rope_processor():
+    """diffusers' Z-Image attention processor, minus one no-op.
+
+    The original wraps RoPE in ``torch.amp.autocast("cuda", enabled=False)``. zimage never runs
+    under autocast, so that context changes nothing here, but it puts an autocast node in the
+    compiled graph and AOTAutograd refuses to cache such graphs: every start re-ran AOT
+    compilation of the blocks even with the compile cache on disk. Same operations otherwise,
+    in the same order and dtypes (tests compare the pictures)."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+    from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
+
+    class ExactRopeAttnProcessor(ZSingleStreamAttnProcessor):
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
+            import torch
+
+            query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))
+            key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
+            value = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+
+            def rope(x_in):
+                x = torch.view_as_complex(x_in.float().reshape(*x_in.shape[:-1], -1, 2))
+                return torch.view_as_real(x * freqs_cis.unsqueeze(2)).flatten(3).type_as(x_in)
+
+            if freqs_cis is not None:
+                query, key = rope(query), rope(key)
+            dtype = query.dtype
+            if attention_mask is not None and attention_mask.ndim == 2:
+                attention_mask = attention_mask[:, None, None, :]
+            hidden_states = dispatch_attention_fn(
+                query,
+                key,
+                value,
+                attn_mask=attention_mask,
+                dropout_p=0.0,
+                is_causal=False,
+                backend=self._attention_backend,
+                parallel_config=self._parallel_config,
+            )
+            hidden_states = hidden_states.flatten(2, 3).to(dtype)
+            output = attn.to_out[0](hidden_states)
+            if len(attn.to_out) > 1:
+                output = attn.to_out[1](output)
+            return output
+
+    return ExactRopeAttnProcessor()
+
+
+def install_processor(transformer: Any, processor: Any) -> None:
+    for module in transformer.modules():
+        if hasattr(module, "set_processor") and hasattr(module, "processor"):
+            module.set_processor(processor)
+
+
 def compile_mode(settings: Settings, device_type: str, memory_mode: str) -> str:
     """The compile mode in effect: off on CPU and where blocks are streamed (hooks can't be traced)."""
     mode = settings.compile
@@ -30,6 +87,7 @@ def prepare_compile_cache(settings: Settings) -> None:
     path = os.path.expanduser(settings.compile_cache_dir)
     os.makedirs(path, exist_ok=True)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", path)
+    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(path, "triton"))
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
 
@@ -69,11 +127,19 @@ def optimize(pipe: Any, settings: Settings, device_type: str, memory_mode: str) 
         import torch
 
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        # keep the processor's attention backend, then drop the autocast no-op (see exact_rope_processor)
+        previous = pipe.transformer.layers[0].attention.processor
+        processor = exact_rope_processor()
+        processor._attention_backend = getattr(previous, "_attention_backend", None)
+        install_processor(pipe.transformer, processor)
         kwargs: dict[str, Any] = {"fullgraph": True, "dynamic": True}
         if mode == "regional-max-autotune":
             kwargs["mode"] = "max-autotune-no-cudagraphs"
         pipe.transformer.compile_repeated_blocks(**kwargs)
         notes.append(f"transformer blocks compiled ({mode}, dynamic shapes)")
+        if settings.compile_text_encoder and device_type == "cuda" and memory_mode in ("gpu", "multi-gpu"):
+            compile_text_encoder(pipe.text_encoder)
+            notes.append("text encoder layers compiled")
         if settings.compile_vae and device_type == "cuda":
             pipe.vae.to(memory_format=torch.channels_last)
             pipe.vae.decoder.compile(dynamic=True)
@@ -81,6 +147,12 @@ def optimize(pipe: Any, settings: Settings, device_type: str, memory_mode: str) 
     else:
         notes.append("no compile")
     return notes
+
+
+def compile_text_encoder(text_encoder: Any) -> None:
+    """Each decoder layer on its own (the model's outer forward has Python the tracer dislikes)."""
+    for layer in text_encoder.layers:
+        layer.compile(dynamic=True)
 
 
 WARMUP_PROMPTS = (

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-TINY_VERSION = 1
+TINY_VERSION = 2
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
 # Qwen3's chat template reduced to what the pipeline uses: one user turn, a generation
@@ -162,6 +162,10 @@ def write_model(dest: Path, seed: int = 0) -> Path:
         cfg = json.loads(cfg_path.read_text())
         cfg["tokenizer_class"] = "Qwen2Tokenizer"
         cfg_path.write_text(json.dumps(cfg, indent=2))
+        index_path = tmp / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["tokenizer"] = ["transformers", "Qwen2Tokenizer"]
+        index_path.write_text(json.dumps(index, indent=2))
         (tmp / "zimage_tiny.json").write_text(json.dumps({"version": TINY_VERSION, "seed": seed}))
         try:
             os.rename(tmp, dest)
