@@ -48,16 +48,13 @@ def test_start_purges_on_schedule_and_hooks_the_watchdog(engine, make_settings, 
         status = ops.status()
         json.dumps(status)  # plain data, ready for the panel
         assert all(v is None or isinstance(v, (str, int, float, bool)) for v in status.values())
-        assert status["purge_enabled"] and status["purge_total_files"] >= 3
+        assert status["purge"] == "every 0.002 min: remove older than 1 h, more than 5000 files, more than 20 GiB"
         assert status["purge_folders"] == f"{outputs.resolve()}, {cache.resolve()}"
-        assert status["purge_last_outcome"] == "ok" and status["purge_last_run"] and status["purge_next_run"]
-        assert status["purge_policy"] == "remove older than 1 h, more than 5000 files, more than 20 GiB"
-        assert (
-            status["watchdog_memory_check"]
-            and "above 20 GiB for 3 job(s)" in status["watchdog"]
-            and status["watchdog_exit_code"] == WATCHDOG_EXIT_CODE
-        )
-        assert ops.purger.status()["running"] and ops.watchdog.status()["threshold_gib"] == 20
+        assert ": ok, removed" in status["purge_last_run"] and status["purge_next_run"]
+        assert "0 with errors" in status["purge_totals"]
+        assert "stays above 20 GiB for 3 job(s)" in status["watchdog"] and status["watchdog_exiting"] is False
+        assert ops.purger.status()["running"] and ops.purger.totals["files"] >= 3
+        assert ops.watchdog.status()["threshold_gib"] == 20
     finally:
         t0 = time.perf_counter()
         ops.stop()
@@ -75,7 +72,8 @@ def test_purge_every_zero_means_never_but_purge_now_works(engine, make_settings,
     ops = Operations(engine, settings, lambda code: None)  # cache_dirs None: Gradio's cache
     ops.start()
     try:
-        assert not ops.purger.running and ops.status()["purge_enabled"] is False
+        assert not ops.purger.running and ops.status()["purge"] == "off"
+        assert ops.status()["purge_last_run"] == "never (purge_every_minutes = 0)"
         assert ops.purger.status()["folders"][1] == str((tmp_path / "gr").resolve())
         old = old_file(tmp_path / "out" / "20250101-000000-000000-seed1.png")
         cached = old_file(tmp_path / "gr" / ("e" * 64) / "image.webp")
@@ -83,7 +81,9 @@ def test_purge_every_zero_means_never_but_purge_now_works(engine, make_settings,
         assert report["files"] == 2 and not old.exists() and not cached.exists()
         status = ops.status()
         assert status["purge_last_removed"] == "20250101-000000-000000-seed1.png, image.webp"
-        assert status["purge_total_files"] == 2 and status["purge_next_run"] is None
+        assert status["purge_totals"] == "1 run(s), 0 with errors; 2 file(s), 200 B removed"
+        assert ": ok, removed 2 file(s), 200 B, in " in status["purge_last_run"] and status["purge_next_run"] is None
+        assert status["watchdog"] == f"exit {WATCHDOG_EXIT_CODE} on an unrecoverable CUDA error; memory check off"
     finally:
         ops.stop()
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .purge import PurgePolicy, Purger
+from .purge import PurgePolicy, Purger, human_bytes
 from .watchdog import WATCHDOG_EXIT_CODE, MemoryWatchdog
 
 log = logging.getLogger(__name__)
@@ -96,45 +96,43 @@ class Operations:
     def status(self) -> dict[str, Any]:
         """Plain data for the profiler panel: the purge's last run and totals, the watchdog's state.
 
-        Flat, with scalar values only, so a generic key/value panel shows it as it is; the
-        nested records are purger.status() and watchdog.status()."""
+        A few flat rows of short text, so a generic key/value panel shows it as it is; the
+        numbers are in /metrics, the nested records in purger.status() and watchdog.status()."""
         p = self.purger.status()
         w = self.watchdog.status()
-        last = p["last"] or {}
+        last = p["last"]
         totals = p["totals"]
-        removed = last.get("removed") or []
-        more = last.get("files", 0) - len(removed)
+        if last is None:
+            last_run = "not yet" if p["enabled"] else "never (purge_every_minutes = 0)"
+            removed, errors = "", ""
+        else:
+            last_run = (
+                f"{_when(last['started'])}: {last['outcome']}, removed {last['files']} file(s), "
+                f"{human_bytes(last['bytes'])}, in {last['seconds']:.2f}s"
+            )
+            more = last["files"] - len(last["removed"])
+            removed = ", ".join(Path(r).name for r in last["removed"]) + (f" (+{more} more)" if more > 0 else "")
+            errors = "; ".join(last["errors"])
+        if w["memory_check"]:
+            watchdog = (
+                f"exit {w['exit_code']} when reserved VRAM stays above {w['threshold_gib']:g} GiB for "
+                f"{w['strikes']} job(s), or on an unrecoverable CUDA error"
+            )
+        else:
+            watchdog = f"exit {w['exit_code']} on an unrecoverable CUDA error; memory check off"
         return {
-            "purge_enabled": p["enabled"],
-            "purge_every_minutes": p["every_minutes"],
-            "purge_policy": p["policy"]["describe"],
+            "purge": f"every {p['every_minutes']:g} min: {p['policy']['describe']}" if p["enabled"] else "off",
             "purge_folders": ", ".join(p["folders"]),
-            "purge_last_run": _when(last.get("started")),
-            "purge_last_outcome": last.get("outcome"),
-            "purge_last_seconds": last.get("seconds"),
-            "purge_last_removed_files": last.get("files", 0),
-            "purge_last_removed_bytes": last.get("bytes", 0),
-            "purge_last_removed": ", ".join(Path(r).name for r in removed) + (f" (+{more} more)" if more > 0 else ""),
-            "purge_last_errors": "; ".join(last.get("errors") or []),
+            "purge_last_run": last_run,
+            "purge_last_removed": removed,
+            "purge_last_errors": errors,
             "purge_next_run": _when(p["next_run"]),
-            "purge_total_runs": totals["runs"],
-            "purge_total_failed_runs": totals["errors"],
-            "purge_total_files": totals["files"],
-            "purge_total_bytes": totals["bytes"],
-            "watchdog": (
-                f"exits with {w['exit_code']} on an unrecoverable CUDA error"
-                + (
-                    f" or when reserved VRAM stays above {w['threshold_gib']:g} GiB for {w['strikes']} job(s)"
-                    if w["memory_check"]
-                    else "; memory check off (watchdog_reserved_gib = 0)"
-                )
+            "purge_totals": (
+                f"{totals['runs']} run(s), {totals['errors']} with errors; "
+                f"{totals['files']} file(s), {human_bytes(totals['bytes'])} removed"
             ),
-            "watchdog_memory_check": w["memory_check"],
-            "watchdog_threshold_gib": w["threshold_gib"],
-            "watchdog_strikes": w["strikes"],
-            "watchdog_exit_code": w["exit_code"],
-            "watchdog_jobs_seen": w["jobs_seen"],
-            "watchdog_recent_reserved_gib": ", ".join("-" if v is None else f"{v:g}" for v in w["recent_reserved_gib"]),
+            "watchdog": watchdog,
+            "watchdog_reserved_gib": ", ".join("-" if v is None else f"{v:g}" for v in w["recent_reserved_gib"]),
             "watchdog_last": w["last_verdict"],
             "watchdog_exiting": w["exiting"],
         }

@@ -246,7 +246,7 @@ class Purger:
                 "purge: %s, removed %d file(s), %s, %d empty cache folder(s) in %.2fs%s",
                 report.outcome,
                 report.files,
-                _human(report.bytes),
+                human_bytes(report.bytes),
                 report.dirs,
                 report.seconds,
                 f"; errors: {'; '.join(report.errors)}" if report.errors else "",
@@ -311,7 +311,9 @@ class Purger:
         report.by_reason[reason] = report.by_reason.get(reason, 0) + 1
         if len(report.removed) < KEEP_REMOVED:
             report.removed.append(str(shown))
-        log.info("purge: removed %s (%s, %.1f h old, %s)", shown, _human(info.size), (now - info.mtime) / 3600, reason)
+        log.info(
+            "purge: removed %s (%s, %.1f h old, %s)", shown, human_bytes(info.size), (now - info.mtime) / 3600, reason
+        )
 
     # ------------------------------------------------------------------------------------
 
@@ -392,7 +394,7 @@ def _regular(name: str, dir_fd: int, shown: str) -> FileInfo | None:
     return FileInfo(shown, st.st_size, st.st_mtime, st.st_ino, st.st_dev)
 
 
-def _human(n: int) -> str:
+def human_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
