@@ -22,9 +22,6 @@ import pytest
 
 from .conftest import ROOT
 
-SERVER_PRESENT = (ROOT / "zimage" / "server.py").is_file()
-needs_server = pytest.mark.skipif(not SERVER_PRESENT, reason="zimage/server.py (issue 3) is not merged yet")
-
 START_TIMEOUT = 180.0  # process start to /ready
 # 50 steps at 768x768 take about 3 s with the tiny model on an idle 2-core machine (1024x1024:
 # 8 s): long enough to be caught running, short enough for a loaded CI machine.

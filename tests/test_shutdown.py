@@ -27,13 +27,10 @@ from .test_ops_support import (
     http_get,
     is_ready,
     kill_group,
-    needs_server,
     submit_job,
     wait_job_running,
     wait_until,
 )
-
-pytestmark = needs_server
 
 
 class App:

@@ -26,7 +26,6 @@ from .test_ops_support import (
     free_port,
     group_alive,
     is_ready,
-    needs_server,
     still_alive,
     submit_job,
     wait_job_running,
@@ -119,7 +118,6 @@ def test_watchdog_exit_code_makes_supervisor_restart(tmp_path_factory):
         sup.close()
 
 
-@needs_server
 def test_app_under_supervisord(tiny_dir, tmp_path_factory):
     """RUNNING and /ready; kill -9 gives a new pid and /ready again; SIGTERM during a job drains cleanly."""
     root = tmp_path_factory.mktemp("sup")
