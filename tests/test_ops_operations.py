@@ -1,0 +1,102 @@
+"""Operations, the server's handle on the purge thread and the watchdog, on a real engine and real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from zimage.ops import Operations, gradio_cache_dir
+from zimage.watchdog import WATCHDOG_EXIT_CODE
+
+HOUR = 3600.0
+
+
+def old_file(path, age_s=900 * HOUR, size=100):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x" * size)
+    os.utime(path, (time.time() - age_s,) * 2)
+    return path
+
+
+def test_gradio_cache_dir_agrees_with_gradio(monkeypatch, tmp_path):
+    from gradio.utils import get_upload_folder
+
+    monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
+    assert gradio_cache_dir() == gradio_cache_dir({}) and str(gradio_cache_dir()) == get_upload_folder()
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gr"))
+    assert str(gradio_cache_dir()) == get_upload_folder() == str(tmp_path / "gr")
+
+
+def test_start_purges_on_schedule_and_hooks_the_watchdog(engine, make_settings, tmp_path):
+    outputs, cache = tmp_path / "outputs", tmp_path / "gradio"
+    settings = make_settings(
+        outputs_dir=str(outputs), purge_every_minutes=0.002, purge_max_age_hours=1, watchdog_reserved_gib=20
+    )
+    exits = []
+    ops = Operations(engine, settings, exits.append, cache_dirs=[cache])
+    before = engine.metrics.render().decode()
+    ops.start()
+    ops.start()  # the server may call it twice: still one thread, one listener
+    try:
+        assert engine.job_listeners.count(ops.watchdog) == 1
+        first = old_file(outputs / "20250101-000000-000000-seed1.png")
+        cached = old_file(cache / ("d" * 64) / "image.webp")
+        _wait(lambda: not first.exists() and not cached.exists())
+        second = old_file(outputs / "20250101-000000-000001-seed2.png")  # a later run takes it too
+        _wait(lambda: not second.exists())
+        status = ops.status()
+        json.dumps(status)  # plain data, ready for the panel
+        assert all(v is None or isinstance(v, (str, int, float, bool)) for v in status.values())
+        assert status["purge"] == "every 0.002 min: remove older than 1 h, more than 5000 files, more than 20 GiB"
+        assert status["purge_folders"] == f"{outputs.resolve()}, {cache.resolve()}"
+        assert ": ok, removed" in status["purge_last_run"] and status["purge_next_run"]
+        assert "0 with errors" in status["purge_totals"]
+        assert "stays above 20 GiB for 3 job(s)" in status["watchdog"] and status["watchdog_exiting"] is False
+        assert ops.purger.status()["running"] and ops.purger.totals["files"] >= 3
+        assert ops.watchdog.status()["threshold_gib"] == 20
+    finally:
+        t0 = time.perf_counter()
+        ops.stop()
+        stopped_in = time.perf_counter() - t0
+    assert stopped_in < 2.5 and not ops.purger.running
+    assert ops.watchdog not in engine.job_listeners
+    after = engine.metrics.render().decode()
+    assert _metric(after, "zimage_purged_files_total") - _metric(before, "zimage_purged_files_total") >= 3
+    assert exits == []  # CPU: no VRAM readings, no exit
+
+
+def test_purge_every_zero_means_never_but_purge_now_works(engine, make_settings, tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gr"))
+    settings = make_settings(outputs_dir=str(tmp_path / "out"), purge_every_minutes=0, purge_max_age_hours=1)
+    ops = Operations(engine, settings, lambda code: None)  # cache_dirs None: Gradio's cache
+    ops.start()
+    try:
+        assert not ops.purger.running and ops.status()["purge"] == "off"
+        assert ops.status()["purge_last_run"] == "never (purge_every_minutes = 0)"
+        assert ops.purger.status()["folders"][1] == str((tmp_path / "gr").resolve())
+        old = old_file(tmp_path / "out" / "20250101-000000-000000-seed1.png")
+        cached = old_file(tmp_path / "gr" / ("e" * 64) / "image.webp")
+        report = ops.purge_now()
+        assert report["files"] == 2 and not old.exists() and not cached.exists()
+        status = ops.status()
+        assert status["purge_last_removed"] == "20250101-000000-000000-seed1.png, image.webp"
+        assert status["purge_totals"] == "1 run(s), 0 with errors; 2 file(s), 200 B removed"
+        assert ": ok, removed 2 file(s), 200 B, in " in status["purge_last_run"] and status["purge_next_run"] is None
+        assert status["watchdog"] == f"exit {WATCHDOG_EXIT_CODE} on an unrecoverable CUDA error; memory check off"
+    finally:
+        ops.stop()
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def _wait(predicate, timeout=15.0):
+    end = time.time() + timeout
+    while not predicate():
+        assert time.time() < end, "timed out"
+        time.sleep(0.02)
