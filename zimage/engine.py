@@ -354,19 +354,23 @@ class Engine:
         t_request = time.perf_counter()
         try:
             req = validate(request, self.limits)
-        except InvalidRequest:
+        except InvalidRequest as exc:
             self.metrics.requests.labels("invalid").inc()
             job.state = "failed"
+            self._log_request(request, None, "invalid", exc)
             raise
         if not self._accepting:
             self.metrics.requests.labels("rejected").inc()
+            self._log_request(req, None, "rejected", "shutting down")
             raise ShuttingDown("The server is shutting down and takes no new jobs. Try again in a minute.")
         if not self.ready:
             if self.load_error:
                 self.metrics.requests.labels("unready").inc()
+                self._log_request(req, None, "unready", "the model failed to load")
                 raise NotReady(f"The model failed to load: {self.load_error}")
             if wait_ready is None or not self.wait_ready(wait_ready):
                 self.metrics.requests.labels("unready").inc()
+                self._log_request(req, None, "unready", "the model is still loading")
                 raise NotReady(
                     self.load_error
                     and f"The model failed to load: {self.load_error}"
@@ -384,9 +388,11 @@ class Engine:
                 if not acquired and job.cancelled:
                     self.metrics.requests.labels("cancelled").inc()
                     job.state = "cancelled"
+                    self._log_request(req, None, "cancelled", "before it started")
                     raise Cancelled("Cancelled before it started.")
                 if not acquired and not self._accepting:
                     self.metrics.requests.labels("rejected").inc()
+                    self._log_request(req, None, "rejected", "shutting down before it started")
                     raise ShuttingDown("The server is shutting down; this job did not start.")
         finally:
             with self._state_lock:
@@ -691,10 +697,12 @@ class Engine:
         }
 
     def _log_request(self, req: GenerationRequest, result: GenerationResult | None, outcome: str, error) -> None:
+        # Every request gets its line, the ones that never ran too (invalid, refused while shutting
+        # down or loading, cancelled in the queue); %s because an invalid request may hold any value.
         who = req.user or "-"
         times = result.timings.summary() if result else f"error: {str(error)[:200]}"
         log.info(
-            "request user=%s size=%dx%d steps=%d count=%d seed=%s outcome=%s %s",
+            "request user=%s size=%sx%s steps=%s count=%s seed=%s outcome=%s %s",
             who,
             req.width,
             req.height,

@@ -213,7 +213,7 @@ class StageTimings:
     def summary(self) -> str:
         png = "pending" if self.png is None else f"{self.png:.3f}s"
         return (
-            f"text {self.text_encoder:.3f}s, {len(self.steps)} steps {self.denoise:.3f}s "
+            f"queue {self.queue_wait:.3f}s, text {self.text_encoder:.3f}s, {len(self.steps)} steps {self.denoise:.3f}s "
             f"({self.it_per_s:.2f} it/s), vae {self.vae_decode:.3f}s, total {self.gpu_total:.3f}s, png {png}"
         )
 

@@ -358,6 +358,7 @@ class WebServer:
             timeout_graceful_shutdown=UVICORN_GRACE_S,
         )
         self._uvicorn = _Uvicorn(config)
+        logging.getLogger("uvicorn.error").addFilter(_QuietStreamCancel())
         try:
             self._uvicorn.run()
         except SystemExit as exc:  # uvicorn exits this way when it cannot bind the port
@@ -374,6 +375,23 @@ class WebServer:
                 self._drained.wait(self.settings.shutdown_grace_s + 60)
         log.info("zimage stopped (exit code %d)", self.exit_code)
         return self.exit_code
+
+
+class _QuietStreamCancel(logging.Filter):
+    """After our own drain, uvicorn cancels browser streams still open and logs that as an ERROR
+    with a traceback: a normal stop, so it becomes one WARNING line."""
+
+    PHRASE = "timeout graceful shutdown exceeded"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.PHRASE in str(record.msg):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg = "closed %s open browser stream(s) at shutdown"
+            record.args = (record.args[0] if record.args else 0,)
+            return True
+        # the cancelled stream's own "Exception in ASGI application" traceback: drop it
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (exc is not None and self.PHRASE in str(exc))
 
 
 def create_app(settings: Settings, users: list[tuple[str, str]] | None = None) -> WebServer:

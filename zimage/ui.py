@@ -422,6 +422,15 @@ def history_items(paths: list[Path]) -> list[tuple[str, str]]:
 # the handlers
 
 
+def _who(request) -> str:
+    """The logged-in user, else the client's address: the request log always says who asked."""
+    user = getattr(request, "username", None)
+    if user:
+        return str(user)
+    client = getattr(request, "client", None)
+    return str(getattr(client, "host", "") or "") if client else ""
+
+
 class _Progress:
     """Feeds gr.Progress from the engine's progress(phase, done, total) callback, with an ETA.
 
@@ -509,7 +518,7 @@ class Studio:
                 self._generate,
                 job,
                 (prompt, negative_prompt, width, height, steps, guidance, seed, count),
-                getattr(request, "username", None) or "",
+                _who(request),
                 progress,
                 abandon_on_cancel=True,
             )
