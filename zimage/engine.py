@@ -263,7 +263,7 @@ class Engine:
 
             if s.warmup:
                 stage = tl.begin("warm-up")
-                self._warmup(speed.WARMUP_PROMPTS, device_type, speed.compile_mode(s, device_type, self.plan.mode))
+                self._warmup(speed.WARMUP_PROMPT)
                 tl.end(stage)
             tl.ready()
             self.metrics.load_seconds.set(tl.ready_at or 0.0)
@@ -302,7 +302,7 @@ class Engine:
             return p.device
         return torch.device("cpu")
 
-    def _warmup(self, prompts: tuple[str, ...], device_type: str, compile_mode: str) -> None:
+    def _warmup(self, prompt: str) -> None:
         """One short generation per warm-up size: pays for compiling, cuDNN/cuBLAS set-up and
         allocator growth before the first user does. Blocks are compiled with dynamic shapes, so
         other prompt lengths and sizes do not recompile (bench explore measured 0.5 s for a new
@@ -310,9 +310,9 @@ class Engine:
         w, h = self.default_size
         sizes = [parse_size(x) for x in self.settings.warmup_sizes.split(",") if x.strip()] or [(w, h)]
         for ww, hh in sizes:
-            req = GenerationRequest(prompt=prompts[0], width=ww, height=hh, steps=2, seed=0)
+            req = GenerationRequest(prompt=prompt, width=ww, height=hh, steps=2, seed=0)
             with self._gpu_lock:
-                self._run(validate(req, self.limits), Job(), None, warmup=True)
+                self._run(validate(req, self.limits), Job(), None)
 
     # ------------------------------------------------------------------------------------
     # jobs
@@ -570,7 +570,7 @@ class Engine:
         image = image.float().mul(255).round().to(torch.uint8)
         return image.permute(0, 2, 3, 1)
 
-    def _run(self, req: GenerationRequest, job: Job, progress: ProgressFn | None, warmup: bool = False):
+    def _run(self, req: GenerationRequest, job: Job, progress: ProgressFn | None):
         import torch
         from PIL import Image
 

@@ -39,7 +39,7 @@ class ModelSource:
     kind: str  # "hub", "local", "tiny"
 
 
-def _advice(settings_model: str) -> str:
+def _advice() -> str:
     return (
         "Set ZIMAGE_MODEL (or --model) to a local folder holding the model in the diffusers "
         "layout (a downloaded snapshot of Tongyi-MAI/Z-Image-Turbo), run once with network "
@@ -61,12 +61,11 @@ def resolve_model(settings: Settings) -> ModelSource:
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ModelNotFound(
-                f"Folder {path} has no model_index.json, so it is not a model in the diffusers layout. "
-                + _advice(model)
+                f"Folder {path} has no model_index.json, so it is not a model in the diffusers layout. " + _advice()
             )
         return ModelSource(path.resolve(), model, "local")
     if looks_like_path or path.exists():
-        raise ModelNotFound(f"Model folder {path} does not exist. " + _advice(model))
+        raise ModelNotFound(f"Model folder {path} does not exist. " + _advice())
 
     from huggingface_hub import constants, snapshot_download
 
@@ -81,11 +80,11 @@ def resolve_model(settings: Settings) -> ModelSource:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelNotFound(
             f"Model '{model}' is not in the Hugging Face cache at {constants.HF_HUB_CACHE} and could not "
-            f"be downloaded{offline}: {reason[:300]}. " + _advice(model)
+            f"be downloaded{offline}: {reason[:300]}. " + _advice()
         ) from None
     path = Path(snapshot)
     if not (path / "model_index.json").is_file():
-        raise ModelNotFound(f"The cached snapshot {path} of '{model}' has no model_index.json. " + _advice(model))
+        raise ModelNotFound(f"The cached snapshot {path} of '{model}' has no model_index.json. " + _advice())
     return ModelSource(path, model, "hub")
 
 

@@ -155,10 +155,4 @@ def compile_text_encoder(text_encoder: Any) -> None:
         layer.compile(dynamic=True)
 
 
-WARMUP_PROMPTS = (
-    "A lighthouse on a cliff at dusk",
-    # A longer prompt: a second caption length, so dynamic shapes are compiled at start-up
-    # and the first real prompt never recompiles.
-    "A detailed watercolor painting of a busy harbour at dawn, fishing boats with red sails, "
-    "gulls over the water, warm light on old stone houses, soft mist over distant hills",
-)
+WARMUP_PROMPT = "A lighthouse on a cliff at dusk"
