@@ -252,7 +252,7 @@ def row_zimage(args: argparse.Namespace) -> dict[str, Any]:
         result = engine.generate(req, save=save)
         return time.perf_counter() - t, result
 
-    first_s, first = gen()
+    first_s, _ = gen()
     first_at = _now() - origin
     warm = [gen() for _ in range(args.runs)]
     warm_s = [w for w, _ in warm]

@@ -197,8 +197,7 @@ class Engine:
             hw = capped_hardware(hw, s.memory_fraction)
             hw = cap_per_gpu(hw, parse_max_memory(s.gpu_max_memory))
             fp = footprint(self.source, s.trim_text_encoder)
-            resident = int(s.lowvram_resident_gib * (1 << 30)) if s.lowvram_resident_gib >= 0 else -1
-            self.plan = choose_mode(hw, fp, s.memory_mode, resident)
+            self.plan = choose_mode(hw, fp, s.memory_mode)
             self.device = self.plan.execution_device
             if self.device.startswith("cuda"):
                 self.device_name = torch.cuda.get_device_name(torch.device(self.device))
@@ -295,9 +294,6 @@ class Engine:
     def _module_device(module) -> Any:
         import torch
 
-        hook_dev = getattr(module, "_zimage_exec_device", None)
-        if hook_dev is not None:
-            return hook_dev
         for p in module.parameters():
             return p.device
         return torch.device("cpu")
@@ -589,7 +585,7 @@ class Engine:
             sync()
             timer.mark(f"step{i}")
             if single_stream and i >= 1:
-                timer._marks[-2][1].synchronize()  # keep one step in flight: honest progress, prompt cancel
+                timer.wait_previous()  # keep one step in flight: honest progress, prompt cancel
                 done = i
             else:
                 done = i + 1

@@ -77,8 +77,6 @@ class MemoryPlan:
     # component -> device string where its weights live ("cpu" for streamed/offloaded ones)
     placement: dict[str, str] = field(default_factory=dict)
     execution_device: str = "cpu"
-    # lowvram: bytes of transformer blocks that may stay resident beside the streamed ones
-    resident_budget: int = 0
 
     def describe(self) -> str:
         return f"{self.mode} ({self.reason})"
@@ -88,7 +86,7 @@ def _fmt(n: int) -> str:
     return f"{n / GiB:.1f} GiB"
 
 
-def choose_mode(hw: Hardware, fp: Footprint, requested: str = "auto", lowvram_resident: int = -1) -> MemoryPlan:
+def choose_mode(hw: Hardware, fp: Footprint, requested: str = "auto") -> MemoryPlan:
     """Pick the memory mode for this hardware and model. Pure: no torch calls."""
     if requested in STREAMING_MODES and not hw.gpus:
         # No GPU: the streaming hooks still run (CPU to CPU), which is how tests cover them.
@@ -99,7 +97,7 @@ def choose_mode(hw: Hardware, fp: Footprint, requested: str = "auto", lowvram_re
     if requested not in ("auto", "cpu") and not hw.gpus:
         return _plan("cpu", f"memory_mode={requested} needs a CUDA GPU and none was found", hw, fp)
     if requested != "auto":
-        return _plan(requested, f"set by the memory_mode setting; {hw.describe()}", hw, fp, lowvram_resident)
+        return _plan(requested, f"set by the memory_mode setting; {hw.describe()}", hw, fp)
     if not hw.gpus:
         return _plan("cpu", "no CUDA GPU found", hw, fp)
 
@@ -142,7 +140,6 @@ def choose_mode(hw: Hardware, fp: Footprint, requested: str = "auto", lowvram_re
             f"({_fmt(fp.transformer + fp.vae + fp.activations)}); streaming transformer blocks",
             hw,
             fp,
-            lowvram_resident,
         )
     return _plan(
         "sequential-offload",
@@ -152,7 +149,7 @@ def choose_mode(hw: Hardware, fp: Footprint, requested: str = "auto", lowvram_re
     )
 
 
-def _plan(mode: str, reason: str, hw: Hardware, fp: Footprint, lowvram_resident: int = -1) -> MemoryPlan:
+def _plan(mode: str, reason: str, hw: Hardware, fp: Footprint) -> MemoryPlan:
     if mode == "cpu" or not hw.gpus:
         comp = dict.fromkeys(("transformer", "text_encoder", "vae"), "cpu")
         return MemoryPlan("cpu", reason, comp, "cpu")
@@ -172,14 +169,7 @@ def _plan(mode: str, reason: str, hw: Hardware, fp: Footprint, lowvram_resident:
         placement = dict.fromkeys(("transformer", "text_encoder", "vae"), "cpu")
     else:
         raise ValueError(f"unknown memory mode {mode!r}")
-    resident = 0
-    if mode == "lowvram":
-        if lowvram_resident >= 0:
-            resident = int(lowvram_resident)
-        else:
-            spare = best.free - (fp.vae + fp.activations + 2 * max(fp.transformer_block, fp.text_layer))
-            resident = max(0, int(spare * 0.8))
-    return MemoryPlan(mode, reason, placement, dev, resident)
+    return MemoryPlan(mode, reason, placement, dev)
 
 
 def next_lower(mode: str) -> str | None:

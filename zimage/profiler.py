@@ -45,8 +45,10 @@ class StageTimer:
         self._marks.append((name, time.perf_counter()))
         return None
 
-    def last_event(self) -> Any:
-        return self._marks[-1][1] if self._marks else None
+    def wait_previous(self) -> None:
+        """Block until the work before the latest mark has run (CUDA); the latest stays queued."""
+        if self.cuda and len(self._marks) >= 2:
+            self._marks[-2][1].synchronize()
 
     def resolve(self) -> list[tuple[str, float]]:
         """(name, seconds since the previous mark) for every mark after the first."""

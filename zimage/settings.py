@@ -171,11 +171,6 @@ class Settings:
         "torch.cuda.set_per_process_memory_fraction (0 = no cap). Mimics a smaller card.",
         group="memory",
     )
-    lowvram_resident_gib: float = opt(
-        -1.0,
-        "lowvram: GiB of transformer blocks kept resident on the GPU (-1 = decide from free memory).",
-        group="memory",
-    )
     gpu_max_memory: str = opt(
         "",
         "Most memory the policy may plan on each GPU, as accelerate's max_memory: e.g. '0=20GiB,1=70GiB' "

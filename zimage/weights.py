@@ -20,7 +20,6 @@ import os
 import queue
 import struct
 import threading
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,16 +90,6 @@ def index_folder(folder: Path) -> dict[str, TensorEntry]:
 
 
 @dataclass
-class ReadStats:
-    bytes: int = 0
-    seconds: float = 0.0
-
-    @property
-    def gib_per_s(self) -> float:
-        return self.bytes / 2**30 / self.seconds if self.seconds > 0 else 0.0
-
-
-@dataclass
 class _Target:
     entry: TensorEntry
     dest: torch.Tensor  # raw bytes of the destination (stored dtype), flat uint8 view
@@ -135,7 +124,6 @@ class WeightReader:
         self.streams = streams and self.cuda
         self.use_mmap = use_mmap
         self.progress = progress
-        self.stats = ReadStats()
         self._done_bytes = 0
         self._total_bytes = 0
         self._lock = threading.Lock()
@@ -169,14 +157,11 @@ class WeightReader:
                 raise ValueError(f"{e.name}: destination {t.dtype}{tuple(t.shape)} != stored {e.dtype}{e.shape}")
             if e.nbytes:
                 targets.append(_Target(e, t.reshape(-1).view(torch.uint8)))
-        t0 = time.perf_counter()
         self._total_bytes = sum(t.entry.nbytes for t in targets)
         if self.use_mmap:
             self._read_mmap(targets)
         else:
             self._read_chunks(targets)
-        self.stats.bytes += self._total_bytes
-        self.stats.seconds += time.perf_counter() - t0
 
     # -- implementations -----------------------------------------------------------------
     def _read_mmap(self, targets: list[_Target]) -> None:
