@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
-    from zimage.tiny import ensure_tiny
+    from zimage.model.tiny import ensure_tiny
 
     return ensure_tiny(tmp_path_factory.mktemp("models") / "tiny")
 
@@ -44,7 +44,7 @@ def make_settings(tiny_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def engine(make_settings):
     """A loaded tiny engine shared by tests that only generate."""
-    from zimage.engine import Engine
+    from zimage.service.engine import Engine
 
     eng = Engine(make_settings())
     eng.load()

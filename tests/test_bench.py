@@ -5,8 +5,8 @@ import os
 import subprocess
 import sys
 
-from zimage import tiny
-from zimage.fullsize import CONFIGS, build
+from zimage.model import tiny
+from zimage.model.fullsize import CONFIGS, build
 
 from .conftest import ROOT
 

@@ -56,7 +56,7 @@ def _summary_seed(page) -> int:
 
 
 def test_generate_in_the_browser_with_a_live_profiler(studio, browser, tmp_path):
-    from zimage.store import read_parameters
+    from zimage.service.store import read_parameters
 
     page = browser.new_page(viewport={"width": 1440, "height": 1000})
     errors: list[str] = []

@@ -8,7 +8,7 @@ import sys
 import pytest
 from PIL import Image
 
-from zimage.store import read_parameters
+from zimage.service.store import read_parameters
 
 from .conftest import ROOT
 

@@ -6,8 +6,9 @@ import time
 import numpy as np
 import pytest
 
-from zimage.engine import Engine
-from zimage.requests import Cancelled, GenerationRequest, InvalidRequest, NotReady
+from zimage.errors import Cancelled, InvalidRequest, NotReady
+from zimage.service.engine import Engine
+from zimage.service.request import GenerationRequest
 
 from .conftest import pixels
 
@@ -94,7 +95,7 @@ def test_cancel_from_another_thread(engine):
     t.start()
     assert started.wait(10)
     at = job.step
-    assert engine.cancel(job.id)
+    job.cancel()
     t.join(10)
     assert errors and job.step - at <= 2 and job.step < 50
 
@@ -171,7 +172,7 @@ def test_invalid_request_is_refused_before_the_gpu(engine):
 
 
 def test_saved_pngs_carry_their_seed(engine, tmp_path):
-    from zimage.store import read_parameters
+    from zimage.service.store import read_parameters
 
     result = engine.generate(GenerationRequest("a boat", width=64, height=64, steps=2, seed=77, count=2))
     paths = result.wait_saved(10)
@@ -205,7 +206,7 @@ def test_status_reports_mode_device_and_timeline(engine):
 
 
 def test_shutdown_refuses_new_jobs(make_settings):
-    from zimage.requests import ShuttingDown
+    from zimage.errors import ShuttingDown
 
     eng = Engine(make_settings())
     eng.load()

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from zimage.engine import Engine
-from zimage.requests import GenerationRequest
+from zimage.service.engine import Engine
+from zimage.service.request import GenerationRequest
 
 from .conftest import pixels
 

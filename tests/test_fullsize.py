@@ -5,8 +5,8 @@ import json
 
 import torch
 
-from zimage import tiny
-from zimage.fullsize import CONFIGS, build, vae_config
+from zimage.model import tiny
+from zimage.model.fullsize import CONFIGS, build, vae_config
 
 
 def _strip(cfg):
@@ -50,8 +50,8 @@ def test_builder_writes_a_loadable_model(tmp_path):
     assert len(list((dest / "transformer").glob("*.safetensors"))) == 2
     assert len(list((dest / "text_encoder").glob("*.safetensors"))) == 3
     assert (dest / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
-    from zimage.engine import Engine
-    from zimage.requests import GenerationRequest
+    from zimage.service.engine import Engine
+    from zimage.service.request import GenerationRequest
     from zimage.settings import Settings
 
     eng = Engine(Settings(model=str(dest), device="cpu", warmup=False, min_size=64, outputs_dir=str(tmp_path / "o")))

@@ -5,7 +5,8 @@ import shutil
 import pytest
 import torch
 
-from zimage.loading import LoadOptions, ModelNotFound, footprint, load_components, resolve_model
+from zimage.errors import ModelNotFound
+from zimage.model.loading import LoadOptions, footprint, load_components, resolve_model
 from zimage.settings import Settings
 
 
@@ -53,8 +54,8 @@ def test_hub_snapshot_loads_through_the_real_path(tiny_dir, tmp_path, monkeypatc
 
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(hf_home / "hub"))
-    from zimage.engine import Engine
-    from zimage.requests import GenerationRequest
+    from zimage.service.engine import Engine
+    from zimage.service.request import GenerationRequest
 
     s = Settings(
         model="Tongyi-MAI/Z-Image-Turbo", device="cpu", warmup=False, min_size=64, outputs_dir=str(tmp_path / "o")
@@ -124,7 +125,7 @@ def test_footprint_from_headers(tiny_dir):
 
 
 def test_tiny_model_is_built_once(tiny_dir):
-    from zimage.tiny import ensure_tiny
+    from zimage.model.tiny import ensure_tiny
 
     marker = tiny_dir / "zimage_tiny.json"
     before = marker.stat().st_mtime_ns

@@ -4,19 +4,21 @@ import numpy as np
 import pytest
 import torch
 
-from zimage.engine import Engine, OutOfMemory
-from zimage.memory import (
+from zimage.errors import OutOfMemory
+from zimage.model.memory import (
     Footprint,
     GPUInfo,
     Hardware,
     cap_per_gpu,
     choose_mode,
+    host_embedding,
     is_oom,
     is_unrecoverable_cuda,
     next_lower,
     parse_max_memory,
 )
-from zimage.requests import GenerationRequest
+from zimage.service.engine import Engine
+from zimage.service.request import GenerationRequest
 
 from .conftest import pixels
 
@@ -111,8 +113,9 @@ def test_streaming_modes_give_the_same_image_on_cpu(mode, make_settings, cpu_ref
     assert np.array_equal(pixels(image), pixels(cpu_reference))
     te = eng.pipe.text_encoder
     # the embedding table stays a plain attribute: the offload hooks never see (nor copy) it
-    assert "_zimage_embed" not in te._modules and te.embed_tokens is None
-    assert all(m is not te._zimage_embed for m in te.modules())
+    embed = host_embedding(te)
+    assert embed is not None and te.embed_tokens is None
+    assert all(m is not embed for m in te.modules())
 
 
 def test_vae_tiling_and_slicing_are_offered(make_settings):
@@ -187,7 +190,8 @@ def test_max_memory_is_respected():
 
 
 def test_bad_max_memory_setting_is_named():
-    from zimage.settings import SettingsError, from_sources
+    from zimage.errors import SettingsError
+    from zimage.settings import from_sources
 
     with pytest.raises(SettingsError, match="gpu_max_memory"):
         from_sources({"gpu_max_memory": "0:20"}, environ={})

@@ -6,8 +6,8 @@ import json
 import os
 import time
 
-from zimage.ops import Operations, gradio_cache_dir
-from zimage.watchdog import WATCHDOG_EXIT_CODE
+from zimage.ops.operations import Operations, gradio_cache_dir
+from zimage.ops.watchdog import WATCHDOG_EXIT_CODE
 
 HOUR = 3600.0
 
@@ -66,7 +66,7 @@ def test_start_purges_on_schedule_and_hooks_the_watchdog(engine, make_settings, 
     assert exits == []  # CPU: no VRAM readings, no exit
 
 
-def test_purge_every_zero_means_never_but_purge_now_works(engine, make_settings, tmp_path, monkeypatch):
+def test_purge_every_zero_means_never_but_a_run_still_works(engine, make_settings, tmp_path, monkeypatch):
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gr"))
     settings = make_settings(outputs_dir=str(tmp_path / "out"), purge_every_minutes=0, purge_max_age_hours=1)
     ops = Operations(engine, settings, lambda code: None)  # cache_dirs None: Gradio's cache
@@ -77,7 +77,7 @@ def test_purge_every_zero_means_never_but_purge_now_works(engine, make_settings,
         assert ops.purger.status()["folders"][1] == str((tmp_path / "gr").resolve())
         old = old_file(tmp_path / "out" / "20250101-000000-000000-seed1.png")
         cached = old_file(tmp_path / "gr" / ("e" * 64) / "image.webp")
-        report = ops.purge_now()
+        report = ops.purger.run_once().as_dict()
         assert report["files"] == 2 and not old.exists() and not cached.exists()
         status = ops.status()
         assert status["purge_last_removed"] == "20250101-000000-000000-seed1.png, image.webp"

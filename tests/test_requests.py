@@ -2,7 +2,8 @@
 
 import pytest
 
-from zimage.requests import SEED_MAX, GenerationRequest, InvalidRequest, Limits, resolve_seed, snap_size, validate
+from zimage.errors import InvalidRequest
+from zimage.service.request import SEED_MAX, GenerationRequest, Limits, resolve_seed, snap_size, validate
 
 LIMITS = Limits(min_size=256, max_size=2048, max_prompt_chars=2000, max_steps=50, max_count=8)
 

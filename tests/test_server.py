@@ -228,6 +228,11 @@ def wait_running(server, timeout: float = 60.0) -> None:
     raise AssertionError("no job started running")
 
 
+def gpu_interval(details: dict) -> tuple[float, float]:
+    """When a job held the GPU: from the moment it got it, for as long as the engine measured."""
+    return details["started_at"], details["started_at"] + details["timings"]["total_s"]
+
+
 def no_overlap(intervals: list[tuple[float, float]], slack: float = 0.005) -> bool:
     ordered = sorted(intervals)
     return all(b[0] >= a[1] - slack for a, b in zip(ordered, ordered[1:]))
@@ -267,8 +272,9 @@ def test_bad_auth_file_and_entries_are_refused(tmp_path):
 
 
 def test_read_users_merges_flags_and_file(tmp_path):
-    from zimage.server import check_share, read_users
-    from zimage.settings import Settings, SettingsError
+    from zimage.errors import SettingsError
+    from zimage.settings import Settings
+    from zimage.web.server import check_share, read_users
 
     f = tmp_path / "users"
     f.write_text("bob:pa:ss\n\n# comment\n dave:x \n")
@@ -310,7 +316,7 @@ def test_a_model_that_fails_to_load_is_reported_by_ready_and_the_ui(make_setting
     from gradio_client import Client
     from gradio_client.exceptions import AppError
 
-    from zimage.server import create_app
+    from zimage.web.server import create_app
 
     missing = tmp_path / "no-such-model"
     settings = make_settings(model=str(missing), host="127.0.0.1", port=free_port())
@@ -345,7 +351,7 @@ def test_a_model_that_fails_to_load_is_reported_by_ready_and_the_ui(make_setting
 def test_generate_returns_the_requested_size_and_the_seed_it_reports(server, client):
     from PIL import Image
 
-    from zimage.store import read_parameters
+    from zimage.service.store import read_parameters
 
     gallery, details = generate(client, width=128, height=96, seed=-1, count=2)
     assert len(gallery) == 2 and details["count"] == 2
@@ -470,7 +476,7 @@ def test_burst_beyond_the_queue_is_partly_refused_fast_and_the_rest_complete(ser
     for _, _, (gallery, details) in done:
         assert len(gallery) == 1 and details["width"] == 64
     # the accepted ones ran one at a time
-    intervals = [(r[1]["gpu_started_at"], r[1]["gpu_finished_at"]) for _, _, r in done]
+    intervals = [gpu_interval(r[1]) for _, _, r in done]
     assert no_overlap(intervals), intervals
     rejected_after = metric(server, "zimage_requests_total", {"outcome": "rejected"})
     assert rejected_after - rejected_before == len(refused)
@@ -480,7 +486,7 @@ def test_concurrent_requests_never_share_the_pipeline(server):
     clients = [new_client(server) for _ in range(3)]
     jobs = [submit(c, width=128, height=128, steps=12, count=2, seed=10 * i) for i, c in enumerate(clients)]
     results = [j.result(timeout=180) for j in jobs]
-    intervals = [(d["gpu_started_at"], d["gpu_finished_at"]) for _, d in results]
+    intervals = [gpu_interval(d) for _, d in results]
     assert all(b > a for a, b in intervals)
     assert no_overlap(intervals), intervals
 
@@ -583,7 +589,7 @@ def test_sigterm_lets_the_running_job_finish_and_exits_0(server):
 
 def test_request_exit_drains_and_returns_its_code(make_settings):
     """The memory watchdog's path: Operations.request_exit(code) makes run() return code."""
-    from zimage.server import create_app
+    from zimage.web.server import create_app
 
     settings = make_settings(host="127.0.0.1", port=free_port())
     web = create_app(settings)

@@ -6,7 +6,8 @@ from dataclasses import fields
 
 import pytest
 
-from zimage.settings import Settings, SettingsError, from_sources
+from zimage.errors import SettingsError
+from zimage.settings import Settings, from_sources
 
 from .conftest import ROOT
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from zimage.watchdog import WATCHDOG_EXIT_CODE
+from zimage.ops.watchdog import WATCHDOG_EXIT_CODE
 
 from .conftest import ROOT
 from .test_ops_support import (
@@ -154,7 +154,7 @@ def test_watchdog_exit_reaches_the_process_exit_code(app_factory):
         sys.path.insert(0, {str(ROOT)!r})
         from zimage.cli import build_parser
         from zimage.settings import from_namespace
-        from zimage.server import create_app
+        from zimage.web.server import create_app
 
         ns = build_parser().parse_args(["serve", *sys.argv[1:]])
         settings = from_namespace(ns)

@@ -7,7 +7,7 @@ import time
 
 from PIL import Image
 
-from zimage.store import TMP_PREFIX, OutputStore, output_name, parameters_text, read_parameters, write_png
+from zimage.service.store import TMP_PREFIX, OutputStore, output_name, parameters_text, read_parameters, write_png
 
 META = {
     "prompt": "a lighthouse, 灯塔\nsecond line",

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
+from zimage.ops.watchdog import WATCHDOG_EXIT_CODE
 from zimage.settings import from_sources
-from zimage.watchdog import WATCHDOG_EXIT_CODE
 
 from .conftest import ROOT
 from .test_ops_support import (

@@ -5,38 +5,38 @@ from __future__ import annotations
 
 import pytest
 
-from zimage import ui
-from zimage.presets import ASPECT_RATIOS
+from zimage.model.presets import ASPECT_RATIOS
+from zimage.web import handlers, page, panels, sizes
 
 
 def test_size_tiers_follow_the_model_preset():
-    assert ui.size_tiers(256, 2048) == (256, 512, 1024, 1280, 1536)  # tiny: small first
-    assert ui.size_tiers(1024, 2048) == (1024, 1280, 1536)
-    assert ui.size_tiers(1024, 1280) == (1024, 1280)
+    assert sizes.size_tiers(256, 2048) == (256, 512, 1024, 1280, 1536)  # tiny: small first
+    assert sizes.size_tiers(1024, 2048) == (1024, 1280, 1536)
+    assert sizes.size_tiers(1024, 1280) == (1024, 1280)
 
 
 @pytest.mark.parametrize("tier", [256, 512, 1024, 1280, 1536])
 def test_every_preset_is_valid_and_found_again(tier):
-    from zimage.requests import GenerationRequest, Limits, validate
+    from zimage.service.request import GenerationRequest, Limits, validate
 
     limits = Limits(min_size=64, max_size=2048)
     for ratio in ASPECT_RATIOS:
-        label = ui.ratio_label(ratio)
-        w, h, _note = ui.preset_size(label, tier, limits.min_size, limits.max_size)
+        label = sizes.ratio_label(ratio)
+        w, h, _note = sizes.preset_size(label, tier, limits.min_size, limits.max_size)
         validate(GenerationRequest("x", width=w, height=h), limits)  # raises if not allowed
-        found = ui.match_preset(w, h, ui.size_tiers(256, 2048), limits.min_size, limits.max_size)
-        assert ui.preset_size(found[0], found[1], 64, 2048)[:2] == (w, h)
+        found = sizes.match_preset(w, h, sizes.size_tiers(256, 2048), limits.min_size, limits.max_size)
+        assert sizes.preset_size(found[0], found[1], 64, 2048)[:2] == (w, h)
 
 
 def test_presets_beyond_the_limit_are_scaled_to_fit_and_say_so():
-    w, h, note = ui.preset_size("21:9", 1536, 256, 2048)
+    w, h, note = sizes.preset_size("21:9", 1536, 256, 2048)
     assert max(w, h) <= 2048 and w % 16 == 0 and h % 16 == 0 and "scaled" in note
-    assert ui.preset_size("16:9", 1024, 256, 2048) == (1360, 768, "")
-    assert ui.match_preset(1000, 1000, (1024,), 256, 2048) == (ui.CUSTOM, None)
+    assert sizes.preset_size("16:9", 1024, 256, 2048) == (1360, 768, "")
+    assert sizes.match_preset(1000, 1000, (1024,), 256, 2048) == (sizes.CUSTOM, None)
 
 
 def test_example_prompts_in_english_and_chinese():
-    examples = ui.load_examples()
+    examples = page.load_examples()
     langs = [e["lang"] for e in examples]
     assert langs.count("en") >= 5 and langs.count("zh") >= 5
     assert all(e["prompt"].strip() for e in examples)
@@ -46,7 +46,7 @@ def test_profiler_shows_what_the_last_run_actually_took(engine):
     result = engine.generate(engine.default_request("a teapot", width=64, height=64, steps=3, seed=5))
     result.wait_saved(30)
     status = engine.status()
-    html = ui.render_profiler(status, {"purge_last_run": "never", "purge": {"files": 0}}, waiting=2)
+    html = panels.render_profiler(status, {"purge_last_run": "never", "purge": {"files": 0}}, waiting=2)
     for text in ("Last run", "Text encoder", "Denoise", "3 steps", "it/s", "VAE decode", "PNG save"):
         assert text in html, text
     assert "mode cpu" in html and "no GPU in use" in html and "Process memory" in html
@@ -54,45 +54,45 @@ def test_profiler_shows_what_the_last_run_actually_took(engine):
     assert "seed 5" in html and "64x64" in html
     assert "purge last run" in html and "Operations" in html
     assert ">2<" in html  # waiting: two in Gradio's queue, none at the engine lock
-    assert "Ready" in ui.render_banner(status) and "mode cpu" in ui.render_banner(status)
+    assert "Ready" in panels.render_banner(status) and "mode cpu" in panels.render_banner(status)
 
 
 def test_profiler_escapes_what_it_shows(engine):
     status = dict(engine.status(), notes=["<script>alert(1)</script>"], model="<b>x</b>")
-    html = ui.render_profiler(status, {"<k>": "<v>"})
+    html = panels.render_profiler(status, {"<k>": "<v>"})
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert "<b>x</b>" not in html and "&lt;k&gt;" in html
 
 
 def test_banner_while_loading_and_after_a_failure(make_settings, tmp_path):
-    from zimage.engine import Engine
+    from zimage.service.engine import Engine
 
     loading = Engine(make_settings())
-    banner = ui.render_banner(loading.status())
+    banner = panels.render_banner(loading.status())
     assert "Loading the model" in banner and "wait in the queue" in banner
-    assert "Decided once the model has loaded" in ui.render_profiler(loading.status())
+    assert "Decided once the model has loaded" in panels.render_profiler(loading.status())
 
     broken = Engine(make_settings(model=str(tmp_path / "missing")))
     with pytest.raises(Exception):  # noqa: B017 - the engine's own error; the timeline records it
         broken.load()
     status = broken.status()
-    banner = ui.render_banner(status)
+    banner = panels.render_banner(status)
     assert "failed to load" in banner and str(tmp_path / "missing") in banner
-    assert "Failed:" in ui.render_profiler(status) and "failed" in ui.render_profiler(status)
+    assert "Failed:" in panels.render_profiler(status) and "failed" in panels.render_profiler(status)
 
 
 def test_the_page_wires_one_gpu_queue_and_keeps_the_panel_off_it(engine, make_settings):
-    from zimage.ops import Operations
+    from zimage.ops.operations import Operations
 
     settings = make_settings(queue_size=5)
-    demo = ui.build_ui(engine, Operations(engine, settings, lambda code: None), settings)
+    demo = page.build_ui(engine, Operations(engine, settings, lambda code: None), settings)
     fns = list(demo.fns.values())
     gen = [f for f in fns if f.api_name == "generate"]
     assert len(gen) == 1
     gen = gen[0]
-    assert gen.concurrency_id == ui.GPU_QUEUE and gen.concurrency_limit == 1 and gen.queue
+    assert gen.concurrency_id == page.GPU_QUEUE and gen.concurrency_limit == 1 and gen.queue
     assert not gen.preprocess  # raw values: the engine's messages reach the client
-    others_on_gpu = [f for f in fns if f is not gen and f.concurrency_id == ui.GPU_QUEUE]
+    others_on_gpu = [f for f in fns if f is not gen and f.concurrency_id == page.GPU_QUEUE]
     assert others_on_gpu == []
     # everything else answers at once, off the queue (the live panel above all)
     assert all(not f.queue for f in fns if f is not gen)
@@ -100,15 +100,15 @@ def test_the_page_wires_one_gpu_queue_and_keeps_the_panel_off_it(engine, make_se
 
 
 def test_png_drop_and_parameters(engine, make_settings, tmp_path):
-    from zimage.ops import Operations
+    from zimage.ops.operations import Operations
 
     settings = make_settings()
-    studio = ui.Studio(engine, Operations(engine, settings, lambda code: None), settings)
+    studio = handlers.Studio(engine, Operations(engine, settings, lambda code: None), settings)
     result = engine.generate(engine.default_request("a fox", width=64, height=96, steps=2, seed=11))
     png = result.wait_saved(30)[0]
     params, md, prompt, negative, w, h, steps, guidance, seed, count, aspect, tier = studio.load_png(png)
     assert params["seed"] == 11 and "a fox" in md
-    assert (prompt, w, h, steps, seed, count, aspect) == ("a fox", 64, 96, 2, 11, 1, ui.CUSTOM)
+    assert (prompt, w, h, steps, seed, count, aspect) == ("a fox", 64, 96, 2, 11, 1, sizes.CUSTOM)
 
     plain = tmp_path / "plain.png"
     from PIL import Image
@@ -134,7 +134,7 @@ def test_summary_names_the_seed_used_and_each_stage():
         "notes": ["Ran out of GPU memory during vae_decode; freed memory and retried with VAE tiling."],
         "timings": {"total_s": 1.2, "text_encoder_s": 0.1, "denoise_s": 0.9, "it_per_s": 8.9, "vae_decode_s": 0.2},
     }
-    md = ui.summary_markdown(details)
+    md = panels.summary_markdown(details)
     assert "Seed 42, 43" in md and "8.90 it/s" in md and "VAE decode" in md and "retried with VAE tiling" in md
 
 
@@ -143,10 +143,10 @@ def test_selecting_reads_only_this_studios_images(engine, make_settings, tmp_pat
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
-    from zimage.ops import Operations
+    from zimage.ops.operations import Operations
 
     settings = make_settings()
-    studio = ui.Studio(engine, Operations(engine, settings, lambda code: None), settings)
+    studio = handlers.Studio(engine, Operations(engine, settings, lambda code: None), settings)
     result = engine.generate(engine.default_request("an owl", width=64, height=64, steps=2, seed=21))
     ours = result.wait_saved(30)[0]
     params, md = studio.select_image(gr.SelectData(None, {"index": 0, "value": {"image": {"path": ours}}}))

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from zimage.requests import GenerationRequest
-from zimage.watchdog import WATCHDOG_EXIT_CODE, MemoryWatchdog, decide, error_chain_text
+from zimage.ops.watchdog import WATCHDOG_EXIT_CODE, MemoryWatchdog, decide, error_chain_text
+from zimage.service.request import GenerationRequest
 
 from .conftest import ROOT
 
@@ -148,7 +148,7 @@ def test_hard_exit_when_the_graceful_path_hangs(tmp_path):
         f"""
         import sys, threading, time
         sys.path.insert(0, {str(ROOT)!r})
-        from zimage.watchdog import MemoryWatchdog
+        from zimage.ops.watchdog import MemoryWatchdog
         hang = threading.Event()
         dog = MemoryWatchdog(0, 1, lambda code: hang.wait(), hard_exit_after_s=0.5)
         dog(None, None, RuntimeError("CUDA error: unspecified launch failure"))

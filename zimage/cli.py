@@ -11,11 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
-from .settings import Settings, SettingsError, add_arguments, from_namespace
-
-EXIT_BAD_INPUT = 2
-EXIT_NO_MODEL = 3
-EXIT_FAILED = 1
+from zimage.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NO_MODEL, SettingsError
+from zimage.settings import Settings, add_arguments, from_namespace
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if ns.command == "bench":
-            from .bench import main as bench_main
+            from zimage.bench.runner import main as bench_main
 
             return bench_main(ns.bench_args)
         settings = _settings(ns)
@@ -82,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stdout if ns.command == "serve" else sys.stderr,
     )
     if ns.command == "serve":
-        from .server import run
+        from zimage.web.server import run
 
         return run(settings)
     if ns.command == "generate":
@@ -94,10 +91,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _generate(ns: argparse.Namespace, settings: Settings) -> int:
-    from .engine import Engine
-    from .loading import ModelNotFound
-    from .requests import GenerationRequest, InvalidRequest, ZImageError, validate
-    from .store import write_png
+    from zimage.errors import InvalidRequest, ModelNotFound, ZImageError
+    from zimage.service.engine import Engine
+    from zimage.service.request import GenerationRequest, validate
+    from zimage.service.store import write_png
 
     # Validate what the user typed before paying for the model.
     engine = Engine(settings.replace(warmup=False))
@@ -143,10 +140,11 @@ def _generate(ns: argparse.Namespace, settings: Settings) -> int:
     t0 = time.perf_counter()
     for i, (image, seed) in enumerate(zip(result.images, result.seeds)):
         path = output if len(result.images) == 1 else output.with_name(f"{output.stem}-{i + 1}{output.suffix}")
-        meta = engine._metadata(result, seed) if settings.png_metadata else None
+        meta = result.metadata(seed) if settings.png_metadata else None
         write_png(image, path, meta, settings.png_compress_level)
         paths.append(path)
     result.timings.png = time.perf_counter() - t0
+    result.paths = [str(p) for p in paths]
     t = result.timings
     if ns.json:
         import json
@@ -154,11 +152,9 @@ def _generate(ns: argparse.Namespace, settings: Settings) -> int:
         print(
             json.dumps(
                 {
-                    "paths": [str(p) for p in paths],
-                    "seeds": result.seeds,
+                    **result.details(),
+                    "paths": result.paths,
                     "size": [request.width, request.height],
-                    "memory_mode": result.memory_mode,
-                    "timings": t.as_dict(),
                     "load": engine.timeline.snapshot(),
                 }
             )
@@ -179,9 +175,11 @@ def _generate(ns: argparse.Namespace, settings: Settings) -> int:
 
 
 def _doctor(settings: Settings) -> int:
-    from .loading import ModelNotFound, footprint, resolve_model
-    from .memory import choose_mode, probe_hardware
-    from .settings import describe
+    from zimage.errors import ModelNotFound, ZImageError
+    from zimage.model.loading import footprint, resolve_model
+    from zimage.model.memory import probe_hardware
+    from zimage.model.pipeline import pick_device, plan_memory
+    from zimage.settings import describe
 
     print("settings in effect:")
     for name, value, _help in describe(settings):
@@ -198,6 +196,14 @@ def _doctor(settings: Settings) -> int:
         f"model: {source.name} at {source.path} (transformer {fp.transformer / 2**30:.2f} GiB, "
         f"text encoder {fp.text_encoder / 2**30:.2f} GiB, VAE {fp.vae / 2**30:.3f} GiB)"
     )
-    plan = choose_mode(hw, fp, settings.memory_mode)
+    import torch
+
+    try:
+        device, _dtype = pick_device(settings, torch)
+    except ZImageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    # the engine's own plan: same device, memory fraction and per-GPU caps
+    plan = plan_memory(settings, fp, device, hw if device.startswith("cuda") else None)
     print(f"memory mode: {plan.describe()}")
     return 0

@@ -14,24 +14,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
+from zimage.errors import SettingsError
+from zimage.model.memory import MemoryMode
+
 ENV_PREFIX = "ZIMAGE_"
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
-MEMORY_MODES = (
-    "auto",
-    "gpu",
-    "balanced",
-    "lowvram",
-    "multi-gpu",
-    "model-offload",
-    "sequential-offload",
-    "cpu",
-)
+MEMORY_MODES = ("auto", *(m.value for m in MemoryMode))
 COMPILE_MODES = ("auto", "off", "regional", "regional-max-autotune")
 ATTENTION_BACKENDS = ("auto", "native", "_native_cudnn", "_native_flash", "_native_efficient", "flash", "_flash_3")
-
-
-class SettingsError(ValueError):
-    """A setting has a value that cannot work; the message names it and what is allowed."""
 
 
 def _cache_home() -> Path:
@@ -241,10 +231,6 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
-    @property
-    def is_tiny(self) -> bool:
-        return self.model == "tiny"
-
 
 # ------------------------------------------------------------------------------------------
 # parsing
@@ -324,16 +310,25 @@ def _check(s: Settings) -> Settings:
     if s.load_threads < 1 or s.staging_mb < 1:
         raise SettingsError("Settings 'load_threads' and 'staging_mb' must be at least 1.")
     if s.gpu_max_memory:
-        from .memory import parse_max_memory
+        from zimage.model.memory import parse_max_memory
 
         try:
             parse_max_memory(s.gpu_max_memory)
         except ValueError as exc:
             raise SettingsError(f"Setting 'gpu_max_memory': {exc}") from None
     for entry in s.auth:
-        if ":" not in entry or not entry.split(":", 1)[0]:
-            raise SettingsError(f"Setting 'auth' entries must look like user:password (got {entry!r}).")
+        parse_user(entry, "--auth")
     return s
+
+
+def parse_user(entry: str, where: str) -> tuple[str, str]:
+    """'user:password' -> (user, password); the one parser of logins (flags, env, auth file)."""
+    user, sep, password = entry.partition(":")
+    if not sep or not user.strip():
+        raise SettingsError(f"Auth entries must look like user:password (got {entry[:40]!r} in {where}).")
+    if not password:
+        raise SettingsError(f"Auth user {user.strip()!r} has an empty password ({where}); give one.")
+    return user.strip(), password
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

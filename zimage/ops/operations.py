@@ -14,8 +14,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .purge import PurgePolicy, Purger, human_bytes
-from .watchdog import WATCHDOG_EXIT_CODE, MemoryWatchdog
+from zimage.ops.purge import PurgePolicy, Purger
+from zimage.ops.watchdog import WATCHDOG_EXIT_CODE, MemoryWatchdog
+from zimage.units import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +90,6 @@ class Operations:
         except ValueError:
             pass
 
-    def purge_now(self) -> dict[str, Any]:
-        """One purge run now (for a button or an admin route); returns its report."""
-        return self.purger.run_once().as_dict()
-
     def status(self) -> dict[str, Any]:
         """Plain data for the profiler panel: the purge's last run and totals, the watchdog's state.
 
@@ -108,7 +105,7 @@ class Operations:
         else:
             last_run = (
                 f"{_when(last['started'])}: {last['outcome']}, removed {last['files']} file(s), "
-                f"{human_bytes(last['bytes'])}, in {last['seconds']:.2f}s"
+                f"{human_bytes(last['bytes'], 1)}, in {last['seconds']:.2f}s"
             )
             more = last["files"] - len(last["removed"])
             removed = ", ".join(Path(r).name for r in last["removed"]) + (f" (+{more} more)" if more > 0 else "")
@@ -129,7 +126,7 @@ class Operations:
             "purge_next_run": _when(p["next_run"]),
             "purge_totals": (
                 f"{totals['runs']} run(s), {totals['errors']} with errors; "
-                f"{totals['files']} file(s), {human_bytes(totals['bytes'])} removed"
+                f"{totals['files']} file(s), {human_bytes(totals['bytes'], 1)} removed"
             ),
             "watchdog": watchdog,
             "watchdog_reserved_gib": ", ".join("-" if v is None else f"{v:g}" for v in w["recent_reserved_gib"]),

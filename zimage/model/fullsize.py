@@ -1,7 +1,7 @@
 """The full-size Z-Image-Turbo architecture with random bf16 weights, for GPU benchmarks.
 
 Same configs, shapes, file layout and shard sizes as the published model (configs in
-bench/z-image-turbo-configs.json), so loading and compute cost the same; only the pictures
+zimage/model/configs/z-image-turbo-configs.json), so loading and compute cost the same; only the pictures
 are meaningless. The tokenizer is a byte-level BPE trained here on English text from
 Python's own sources, with Qwen's special tokens and chat template, so a 20-word prompt
 becomes a few dozen tokens as with the real one (ids stay inside Qwen3's vocabulary).
@@ -18,7 +18,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-CONFIGS = Path(__file__).resolve().parent.parent / "bench" / "z-image-turbo-configs.json"
+CONFIGS = Path(__file__).resolve().parent / "configs" / "z-image-turbo-configs.json"
 SHARDS = {"transformer": 2, "text_encoder": 3, "vae": 1}
 FILE_STEM = {"transformer": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 
@@ -43,7 +43,7 @@ def _corpus(limit_bytes: int = 24 << 20):
 def build_tokenizer(dest: Path, vocab_size: int = 16384) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    from .tiny import SPECIAL_TOKENS, name_as_qwen2, qwen_style
+    from zimage.model.tiny import SPECIAL_TOKENS, name_as_qwen2, qwen_style
 
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -10,7 +10,8 @@ import logging
 import os
 from typing import Any
 
-from .settings import Settings
+from zimage.model.memory import MemoryMode
+from zimage.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def compile_mode(settings: Settings, device_type: str, memory_mode: str) -> str:
     mode = settings.compile
     if mode == "auto":
         mode = "regional" if device_type == "cuda" else "off"
-    if memory_mode in ("lowvram", "model-offload", "sequential-offload"):
+    if memory_mode in (MemoryMode.LOWVRAM, MemoryMode.MODEL_OFFLOAD, MemoryMode.SEQUENTIAL_OFFLOAD):
         return "off"
     return mode
 
@@ -137,7 +138,11 @@ def optimize(pipe: Any, settings: Settings, device_type: str, memory_mode: str) 
             kwargs["mode"] = "max-autotune-no-cudagraphs"
         pipe.transformer.compile_repeated_blocks(**kwargs)
         notes.append(f"transformer blocks compiled ({mode}, dynamic shapes)")
-        if settings.compile_text_encoder and device_type == "cuda" and memory_mode in ("gpu", "multi-gpu"):
+        if (
+            settings.compile_text_encoder
+            and device_type == "cuda"
+            and memory_mode in (MemoryMode.GPU, MemoryMode.MULTI_GPU)
+        ):
             compile_text_encoder(pipe.text_encoder)
             notes.append("text encoder layers compiled")
         if settings.compile_vae and device_type == "cuda":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,6 +18,20 @@ log = logging.getLogger(__name__)
 TMP_PREFIX = ".tmp-"
 JSON_KEY = "zimage"
 TEXT_KEY = "parameters"
+
+
+# The one owner of the output file-name format: the purge and the history read names through these.
+OUTPUT_NAME = re.compile(r"\d{8}-\d{6}-\d{6}-seed(\d+)(?:~\d+)?\.png")
+
+
+def is_output_name(name: str) -> bool:
+    """A name this store writes (temp files and other programs' files are not)."""
+    return OUTPUT_NAME.fullmatch(name) is not None
+
+
+def seed_in_name(name: str) -> int | None:
+    m = OUTPUT_NAME.fullmatch(name)
+    return int(m.group(1)) if m else None
 
 
 def output_name(seed: int, when: datetime | None = None) -> str:
@@ -182,11 +197,7 @@ class OutputStore:
         """Saved outputs, newest first (names sort by time)."""
         if not self.folder.is_dir():
             return []
-        files = [
-            p
-            for p in self.folder.iterdir()
-            if p.suffix == ".png" and not p.name.startswith(TMP_PREFIX) and p.is_file() and not p.is_symlink()
-        ]
+        files = [p for p in self.folder.iterdir() if is_output_name(p.name) and not p.is_symlink() and p.is_file()]
         files.sort(key=lambda p: p.name, reverse=True)
         return files[:limit]
 

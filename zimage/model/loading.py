@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .requests import ZImageError
-from .settings import DEFAULT_MODEL, Settings
+from zimage.errors import ModelNotFound
+from zimage.settings import DEFAULT_MODEL, Settings
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +26,6 @@ HUB_PATTERNS = [
     "scheduler/*",
     "tokenizer/*",
 ]
-
-
-class ModelNotFound(ZImageError):
-    """The model could not be found or downloaded; the message says where we looked and what to do."""
 
 
 @dataclass(frozen=True)
@@ -52,7 +48,7 @@ def resolve_model(settings: Settings) -> ModelSource:
     """Where the model's files are: the tiny model (built on first use), a folder, or the hub cache."""
     model = settings.model
     if model == "tiny":
-        from .tiny import ensure_tiny
+        from zimage.model.tiny import ensure_tiny
 
         return ModelSource(ensure_tiny(settings.tiny_dir), "tiny", "tiny")
 
@@ -103,8 +99,8 @@ def read_model_index(folder: Path) -> dict[str, Any]:
 
 def footprint(source: ModelSource, trim_text_encoder: bool = True):
     """Bytes per component (read from the safetensors headers), for the memory policy."""
-    from .memory import Footprint
-    from .weights import index_folder
+    from zimage.model.memory import Footprint
+    from zimage.model.weights import index_folder
 
     sizes: dict[str, int] = {}
     block = layer = 0
@@ -312,7 +308,7 @@ class WeightLoad:
         progress: Callable[[str, float], None] | None = None,
         pin_offloaded: bool = False,
     ):
-        from .weights import index_folder
+        from zimage.model.weights import index_folder
 
         self.source = source
         self.placement = placement
@@ -365,7 +361,7 @@ class WeightLoad:
     def _read(self, comp: str) -> dict:
         import torch
 
-        from .weights import WeightReader
+        from zimage.model.weights import WeightReader
 
         opts = self.opts
         dev = self.placement[comp]
@@ -494,12 +490,6 @@ def assemble(modules: dict[str, Any]):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def timed(fn: Callable, *args, **kwargs) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0
 
 
 __all__ = [

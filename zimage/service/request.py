@@ -1,56 +1,20 @@
-"""Generation requests and results, and the pure validation that needs no GPU."""
+"""Generation requests and their pure validation (no GPU needed)."""
 
 from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # pragma: no cover
-    from PIL import Image
+from zimage.errors import InvalidRequest
 
-    from .settings import Settings
+if TYPE_CHECKING:  # pragma: no cover
+    from zimage.settings import Settings
 
 SEED_MAX = 2**32 - 1
 GUIDANCE_MAX = 10.0
 SIZE_MULTIPLE = 16
-
-
-class ZImageError(Exception):
-    """Base of the package's own errors; messages are meant for the user."""
-
-
-class InvalidRequest(ZImageError):
-    """A request field is out of range: names the field, the value received and what is allowed."""
-
-    def __init__(self, field_name: str, value: Any, allowed: str, hint: str = ""):
-        self.field = field_name
-        self.value = value
-        self.allowed = allowed
-        shown = repr(value) if isinstance(value, str) and len(value) <= 40 else _short(value)
-        message = f"{field_name.capitalize()} must be {allowed} (got {shown})."
-        if hint:
-            message += f" {hint}"
-        super().__init__(message)
-
-
-class Cancelled(ZImageError):
-    """The job was cancelled by its owner."""
-
-
-class NotReady(ZImageError):
-    """The model is not loaded (yet, or loading failed)."""
-
-
-class ShuttingDown(ZImageError):
-    """The process is stopping and takes no new jobs."""
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, str):
-        return f"a text of {len(value)} characters"
-    return repr(value)
 
 
 @dataclass(frozen=True)
@@ -175,65 +139,3 @@ def validate(request: GenerationRequest, limits: Limits = Limits()) -> Generatio
 def resolve_seed(seed: int) -> int:
     """-1 becomes a concrete random seed, which is returned and shown."""
     return secrets.randbelow(SEED_MAX + 1) if seed < 0 else seed
-
-
-@dataclass
-class StageTimings:
-    """Seconds per stage of one job, measured with CUDA events on GPU and perf_counter on CPU."""
-
-    queue_wait: float = 0.0
-    text_encoder: float = 0.0
-    steps: list[float] = field(default_factory=list)
-    vae_decode: float = 0.0
-    to_host: float = 0.0
-    gpu_total: float = 0.0  # request start (lock taken) to decoded RGB pixels in host memory
-    png: float | None = None  # encode and write, measured beside the next job
-
-    @property
-    def denoise(self) -> float:
-        return sum(self.steps)
-
-    @property
-    def it_per_s(self) -> float:
-        return len(self.steps) / self.denoise if self.denoise > 0 else 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "queue_wait_s": round(self.queue_wait, 4),
-            "text_encoder_s": round(self.text_encoder, 4),
-            "denoise_s": round(self.denoise, 4),
-            "steps_s": [round(s, 4) for s in self.steps],
-            "it_per_s": round(self.it_per_s, 3),
-            "vae_decode_s": round(self.vae_decode, 4),
-            "to_host_s": round(self.to_host, 4),
-            "total_s": round(self.gpu_total, 4),
-            "png_s": None if self.png is None else round(self.png, 4),
-        }
-
-    def summary(self) -> str:
-        png = "pending" if self.png is None else f"{self.png:.3f}s"
-        return (
-            f"queue {self.queue_wait:.3f}s, text {self.text_encoder:.3f}s, {len(self.steps)} steps {self.denoise:.3f}s "
-            f"({self.it_per_s:.2f} it/s), vae {self.vae_decode:.3f}s, total {self.gpu_total:.3f}s, png {png}"
-        )
-
-
-@dataclass
-class GenerationResult:
-    request: GenerationRequest  # seed resolved
-    images: list[Image.Image]
-    seeds: list[int]
-    timings: StageTimings
-    model: str
-    memory_mode: str
-    device: str
-    job_id: str
-    paths: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # e.g. "retried with VAE tiling after OOM"
-    _saved: Any = None  # concurrent.futures.Future[list[str]] while the PNGs are written
-
-    def wait_saved(self, timeout: float | None = None) -> list[str]:
-        """Block until the PNG files are on disk; returns their paths."""
-        if self._saved is not None:
-            self.paths = list(self._saved.result(timeout))
-        return self.paths

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .settings import DEFAULT_MODEL
+from zimage.settings import DEFAULT_MODEL
 
 
 @dataclass(frozen=True)
@@ -60,16 +60,6 @@ def size_for(ratio: tuple[int, int], tier: int, multiple: int = 16) -> tuple[int
     width = height * rw / rh
     snap = lambda v: max(multiple, int(round(v / multiple)) * multiple)  # noqa: E731
     return snap(width), snap(height)
-
-
-def size_presets(tiers: tuple[int, ...] = RESOLUTION_TIERS) -> dict[str, tuple[int, int]]:
-    """Label -> (width, height), e.g. '16:9 · 1024' -> (1360, 768)."""
-    out: dict[str, tuple[int, int]] = {}
-    for tier in tiers:
-        for ratio in ASPECT_RATIOS:
-            w, h = size_for(ratio, tier)
-            out[f"{ratio[0]}:{ratio[1]} · {tier}  ({w}×{h})"] = (w, h)
-    return out
 
 
 def parse_size(text: str) -> tuple[int, int]:

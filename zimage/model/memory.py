@@ -17,7 +17,9 @@ asks it and never re-decides. Modes:
 
 from __future__ import annotations
 
+import enum
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,9 +27,29 @@ log = logging.getLogger(__name__)
 
 GiB = 1 << 30
 
+
+class MemoryMode(enum.StrEnum):
+    """How the model sits on the hardware. A StrEnum: settings, logs and metrics see its text."""
+
+    GPU = "gpu"
+    BALANCED = "balanced"
+    LOWVRAM = "lowvram"
+    MULTI_GPU = "multi-gpu"
+    MODEL_OFFLOAD = "model-offload"
+    SEQUENTIAL_OFFLOAD = "sequential-offload"
+    CPU = "cpu"
+
+
+M = MemoryMode
 # Order used by the OOM ladder: each mode falls back to the next one.
-LADDER = ("gpu", "balanced", "lowvram", "sequential-offload")
-STREAMING_MODES = ("balanced", "lowvram")
+LADDER = (M.GPU, M.BALANCED, M.LOWVRAM, M.SEQUENTIAL_OFFLOAD)
+STREAMING_MODES = (M.BALANCED, M.LOWVRAM)
+# Modes whose hooks move weights to the execution device as they run: tensors go there, not to a weight's device.
+HOOKED_MODES = (M.BALANCED, M.LOWVRAM, M.MODEL_OFFLOAD, M.SEQUENTIAL_OFFLOAD)
+# One device, one stream: CUDA events time the stages without a sync.
+SINGLE_STREAM_MODES = (M.GPU, M.BALANCED, M.LOWVRAM)
+# The token-embedding table each streamed text encoder keeps on the host (see detach_embeddings).
+_HOST_EMBEDDINGS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -72,7 +94,7 @@ class Footprint:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    mode: str
+    mode: MemoryMode
     reason: str
     # component -> device string where its weights live ("cpu" for streamed/offloaded ones)
     placement: dict[str, str] = field(default_factory=dict)
@@ -92,20 +114,23 @@ def choose_mode(hw: Hardware, fp: Footprint, requested: str = "auto") -> MemoryP
         # No GPU: the streaming hooks still run (CPU to CPU), which is how tests cover them.
         comp = dict.fromkeys(("transformer", "text_encoder", "vae"), "cpu")
         return MemoryPlan(
-            requested, "set by the memory_mode setting; no GPU, so it streams CPU to CPU and saves nothing", comp, "cpu"
+            MemoryMode(requested),
+            "set by the memory_mode setting; no GPU, so it streams CPU to CPU and saves nothing",
+            comp,
+            "cpu",
         )
-    if requested not in ("auto", "cpu") and not hw.gpus:
-        return _plan("cpu", f"memory_mode={requested} needs a CUDA GPU and none was found", hw, fp)
+    if requested not in ("auto", M.CPU) and not hw.gpus:
+        return _plan(M.CPU, f"memory_mode={requested} needs a CUDA GPU and none was found", hw, fp)
     if requested != "auto":
         return _plan(requested, f"set by the memory_mode setting; {hw.describe()}", hw, fp)
     if not hw.gpus:
-        return _plan("cpu", "no CUDA GPU found", hw, fp)
+        return _plan(M.CPU, "no CUDA GPU found", hw, fp)
 
     best = max(hw.gpus, key=lambda g: g.free)
     need_all = fp.total + fp.activations
     if best.free >= need_all:
         return _plan(
-            "gpu",
+            M.GPU,
             f"all weights fit: need {_fmt(need_all)}, GPU {best.index} has {_fmt(best.free)} free",
             hw,
             fp,
@@ -115,7 +140,7 @@ def choose_mode(hw: Hardware, fp: Footprint, requested: str = "auto") -> MemoryP
         main, other = ranked[0], ranked[1]
         if main.free >= fp.transformer + fp.vae + fp.activations and other.free >= fp.text_encoder + GiB // 2:
             return _plan(
-                "multi-gpu",
+                M.MULTI_GPU,
                 f"no single GPU holds {_fmt(need_all)}; transformer+VAE on GPU {main.index}, "
                 f"text encoder on GPU {other.index}",
                 hw,
@@ -126,7 +151,7 @@ def choose_mode(hw: Hardware, fp: Footprint, requested: str = "auto") -> MemoryP
         if hw.host_available and hw.host_available < fp.text_encoder * 1.3:
             log.warning("balanced mode wants %s of host RAM for the text encoder", _fmt(fp.text_encoder))
         return _plan(
-            "balanced",
+            M.BALANCED,
             f"GPU {best.index} has {_fmt(best.free)} free: the transformer fits but not the text encoder "
             f"too (need {_fmt(need_all)}); streaming the text encoder",
             hw,
@@ -135,41 +160,41 @@ def choose_mode(hw: Hardware, fp: Footprint, requested: str = "auto") -> MemoryP
     minimum = fp.vae + fp.activations + 2 * max(fp.transformer_block, fp.text_layer)
     if best.free >= minimum:
         return _plan(
-            "lowvram",
+            M.LOWVRAM,
             f"GPU {best.index} has {_fmt(best.free)} free, less than the transformer needs "
             f"({_fmt(fp.transformer + fp.vae + fp.activations)}); streaming transformer blocks",
             hw,
             fp,
         )
     return _plan(
-        "sequential-offload",
+        M.SEQUENTIAL_OFFLOAD,
         f"GPU {best.index} has only {_fmt(best.free)} free; offloading every layer",
         hw,
         fp,
     )
 
 
-def _plan(mode: str, reason: str, hw: Hardware, fp: Footprint) -> MemoryPlan:
-    if mode == "cpu" or not hw.gpus:
+def _plan(mode: MemoryMode | str, reason: str, hw: Hardware, fp: Footprint) -> MemoryPlan:
+    if mode == M.CPU or not hw.gpus:
         comp = dict.fromkeys(("transformer", "text_encoder", "vae"), "cpu")
-        return MemoryPlan("cpu", reason, comp, "cpu")
+        return MemoryPlan(M.CPU, reason, comp, "cpu")
     best = max(hw.gpus, key=lambda g: g.free)
     dev = f"cuda:{best.index}"
-    if mode == "gpu":
+    if mode == M.GPU:
         placement = dict.fromkeys(("transformer", "text_encoder", "vae"), dev)
-    elif mode == "balanced":
+    elif mode == M.BALANCED:
         placement = {"transformer": dev, "vae": dev, "text_encoder": "cpu"}
-    elif mode == "lowvram":
+    elif mode == M.LOWVRAM:
         placement = {"transformer": "cpu", "vae": dev, "text_encoder": "cpu"}
-    elif mode == "multi-gpu":
+    elif mode == M.MULTI_GPU:
         ranked = sorted(hw.gpus, key=lambda g: g.free, reverse=True)
         te_dev = f"cuda:{ranked[1].index}" if len(ranked) > 1 else dev
         placement = {"transformer": dev, "vae": dev, "text_encoder": te_dev}
-    elif mode in ("model-offload", "sequential-offload"):
+    elif mode in (M.MODEL_OFFLOAD, M.SEQUENTIAL_OFFLOAD):
         placement = dict.fromkeys(("transformer", "text_encoder", "vae"), "cpu")
     else:
         raise ValueError(f"unknown memory mode {mode!r}")
-    return MemoryPlan(mode, reason, placement, dev)
+    return MemoryPlan(MemoryMode(mode), reason, placement, dev)
 
 
 def next_lower(mode: str) -> str | None:
@@ -315,12 +340,17 @@ def _stream(module: Any, device: Any) -> None:
 def detach_embeddings(text_encoder: Any) -> None:
     """Keep the 0.8 GB token-embedding table on the host: only the prompt's rows are looked up
     there and sent to the GPU, instead of the whole table travelling for every prompt."""
-    if getattr(text_encoder, "_zimage_embed", None) is None and text_encoder.embed_tokens is not None:
-        # A plain attribute, not a submodule: a registered child would join the offload hooks'
+    if text_encoder not in _HOST_EMBEDDINGS and text_encoder.embed_tokens is not None:
+        # Held here, not as a submodule: a registered child would join the offload hooks'
         # "unmatched" group, which copies it to the GPU and back (through pageable memory) for
         # every prompt. Measured on an H100 before this fix: 0.77-0.87 s per prompt.
-        object.__setattr__(text_encoder, "_zimage_embed", text_encoder.embed_tokens)
+        _HOST_EMBEDDINGS[text_encoder] = text_encoder.embed_tokens
         text_encoder.embed_tokens = None
+
+
+def host_embedding(text_encoder: Any) -> Any:
+    """The host-side embedding table detach_embeddings took from this text encoder, or None."""
+    return _HOST_EMBEDDINGS.get(text_encoder)
 
 
 def apply_mode(pipe: Any, plan: MemoryPlan, vae_tiling: bool = False, vae_slicing: bool = False) -> list[str]:
@@ -331,13 +361,13 @@ def apply_mode(pipe: Any, plan: MemoryPlan, vae_tiling: bool = False, vae_slicin
         detach_embeddings(pipe.text_encoder)
         _stream(pipe.text_encoder, exec_dev)
         notes.append("text encoder streamed layer by layer from pinned host memory")
-        if plan.mode == "lowvram":
+        if plan.mode == M.LOWVRAM:
             _stream(pipe.transformer, exec_dev)
             notes.append("transformer blocks streamed with prefetch")
-    elif plan.mode == "model-offload":
+    elif plan.mode == M.MODEL_OFFLOAD:
         pipe.enable_model_cpu_offload(device=exec_dev)
         notes.append("diffusers model CPU offload")
-    elif plan.mode == "sequential-offload":
+    elif plan.mode == M.SEQUENTIAL_OFFLOAD:
         pipe.enable_sequential_cpu_offload(device=exec_dev)
         notes.append("diffusers sequential CPU offload")
     if vae_tiling:
@@ -364,12 +394,12 @@ def downgrade(pipe: Any, plan: MemoryPlan) -> MemoryPlan | None:
             for p in module.parameters():
                 p.data = p.data.pin_memory()
 
-    if plan.mode == "gpu":  # -> balanced
+    if plan.mode == M.GPU:  # -> balanced
         to_host(pipe.text_encoder)
         detach_embeddings(pipe.text_encoder)
         _stream(pipe.text_encoder, plan.execution_device)
         placement = dict(plan.placement, text_encoder="cpu")
-    elif plan.mode == "balanced":  # -> lowvram
+    elif plan.mode == M.BALANCED:  # -> lowvram
         for block in pipe.transformer.modules():  # compiled blocks cannot trace offload hooks
             if getattr(block, "_compiled_call_impl", None) is not None:
                 block._compiled_call_impl = None

@@ -177,7 +177,3 @@ class RecentJobs:
     def last(self) -> dict[str, Any] | None:
         with self._lock:
             return self._items[-1] if self._items else None
-
-    def all(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return list(self._items)

@@ -20,6 +20,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+from zimage.errors import EXIT_WATCHDOG
+
 log = logging.getLogger(__name__)
 
 GiB = 1 << 30
@@ -27,7 +29,7 @@ GiB = 1 << 30
 # (crash), 2/3 (the CLI's bad input / no model) and from death by a signal. supervisor/zimage.conf
 # restarts on it (autorestart=true) and does not list it in exitcodes, so the log says
 # "exit status 75; not expected": a restart worth noticing.
-WATCHDOG_EXIT_CODE = 75
+WATCHDOG_EXIT_CODE = EXIT_WATCHDOG
 
 
 class Verdict(NamedTuple):
@@ -47,7 +49,7 @@ def decide(
     first; None where it could not be read (no GPU). threshold_bytes <= 0 turns the memory
     check off; an unrecoverable CUDA error always exits, because nothing else can fix it.
     """
-    from .memory import is_unrecoverable_cuda
+    from zimage.model.memory import is_unrecoverable_cuda
 
     if error_text and is_unrecoverable_cuda(RuntimeError(error_text)):
         return Verdict(True, f"unrecoverable CUDA error: {error_text.strip().splitlines()[0][:300]}")

@@ -18,12 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .settings import Settings, SettingsError
+from zimage.errors import EXIT_BAD_INPUT, EXIT_FAILED, SettingsError
+from zimage.settings import Settings, parse_user
 
 log = logging.getLogger(__name__)
 
-EXIT_BAD_INPUT = 2  # as cli.py: a setting that cannot work
-EXIT_CANNOT_SERVE = 1
 UVICORN_GRACE_S = 3.0  # after the engine drained: open browser streams get this long to close
 # After the last result went out, its browser or client still fetches the image files: keep
 # serving until no file was asked for during this long (at most DOWNLOAD_LINGER_MAX_S).
@@ -48,15 +47,7 @@ def read_users(settings: Settings) -> list[tuple[str, str]]:
             line = line.strip()
             if line and not line.startswith("#"):
                 entries.append((line, f"line {n} of {path}"))
-    users: list[tuple[str, str]] = []
-    for entry, where in entries:
-        user, sep, password = entry.partition(":")
-        if not sep or not user.strip():
-            raise SettingsError(f"Auth entries must look like user:password (got {entry[:40]!r} in {where}).")
-        if not password:
-            raise SettingsError(f"Auth user {user.strip()!r} has an empty password ({where}); give one.")
-        users.append((user.strip(), password))
-    return users
+    return [parse_user(entry, where) for entry, where in entries]
 
 
 def check_share(settings: Settings, users: list[tuple[str, str]]) -> None:
@@ -110,9 +101,9 @@ class WebServer:
     """The engine, the operations and the page, behind one FastAPI app."""
 
     def __init__(self, settings: Settings, users: list[tuple[str, str]] | None = None):
-        from .engine import Engine
-        from .ops import Operations
-        from .ui import build_ui
+        from zimage.ops.operations import Operations
+        from zimage.service.engine import Engine
+        from zimage.web.page import build_ui
 
         self.settings = settings
         self.users = read_users(settings) if users is None else users
@@ -139,7 +130,7 @@ class WebServer:
         from fastapi.responses import JSONResponse, Response
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        from .ui import page_options
+        from zimage.web.page import page_options
 
         s = self.settings
         engine = self.engine
@@ -362,7 +353,7 @@ class WebServer:
         try:
             self._uvicorn.run()
         except SystemExit as exc:  # uvicorn exits this way when it cannot bind the port
-            code = exc.code if isinstance(exc.code, int) and exc.code else EXIT_CANNOT_SERVE
+            code = exc.code if isinstance(exc.code, int) and exc.code else EXIT_FAILED
             log.error("the web server stopped at start-up (is %s:%d free?)", self.settings.host, self.settings.port)
             self.ops.stop()
             self.engine.store.close(wait=True)  # nothing ran; the loading thread is a daemon

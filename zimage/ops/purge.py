@@ -29,12 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zimage.service.store import is_output_name
+from zimage.units import human_bytes
+
 log = logging.getLogger(__name__)
 
 GiB = 1 << 30
 
 # store.output_name: 20261121-174501-123456-seed42.png, and "~2" when a name was taken.
-OUTPUT_NAME = re.compile(r"\d{8}-\d{6}-\d{6}-seed\d+(?:~\d+)?\.png")
 # Gradio names its cache folders by a sha256 hex digest of the content.
 CACHE_DIR_NAME = re.compile(r"[0-9a-f]{32,128}")
 FRESH_S = 10.0  # younger files may still be being written (Gradio writes its copies in place)
@@ -246,7 +248,7 @@ class Purger:
                 "purge: %s, removed %d file(s), %s, %d empty cache folder(s) in %.2fs%s",
                 report.outcome,
                 report.files,
-                human_bytes(report.bytes),
+                human_bytes(report.bytes, 1),
                 report.dirs,
                 report.seconds,
                 f"; errors: {'; '.join(report.errors)}" if report.errors else "",
@@ -312,7 +314,11 @@ class Purger:
         if len(report.removed) < KEEP_REMOVED:
             report.removed.append(str(shown))
         log.info(
-            "purge: removed %s (%s, %.1f h old, %s)", shown, human_bytes(info.size), (now - info.mtime) / 3600, reason
+            "purge: removed %s (%s, %.1f h old, %s)",
+            shown,
+            human_bytes(info.size, 1),
+            (now - info.mtime) / 3600,
+            reason,
         )
 
     # ------------------------------------------------------------------------------------
@@ -341,7 +347,7 @@ def _scan_outputs(root_fd: int) -> list[FileInfo]:
     files = []
     with os.scandir(root_fd) as it:
         for entry in it:
-            if not OUTPUT_NAME.fullmatch(entry.name):
+            if not is_output_name(entry.name):
                 continue
             info = _regular(entry.name, root_fd, entry.name)
             if info is not None:
@@ -392,11 +398,3 @@ def _regular(name: str, dir_fd: int, shown: str) -> FileInfo | None:
     if not stat.S_ISREG(st.st_mode):
         return None
     return FileInfo(shown, st.st_size, st.st_mtime, st.st_ino, st.st_dev)
-
-
-def human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"

@@ -64,7 +64,7 @@ def _now() -> float:
 
 
 def _origin() -> float:
-    from .profiler import process_start_time
+    from zimage.ops.profiler import process_start_time
 
     return process_start_time()
 
@@ -221,9 +221,9 @@ def _plain_split(torch, pipe, gen, steps: int) -> dict[str, float]:
 
 def row_zimage(args: argparse.Namespace) -> dict[str, Any]:
     origin = _origin()
-    from .engine import Engine
-    from .requests import GenerationRequest
-    from .settings import Settings
+    from zimage.service.engine import Engine
+    from zimage.service.request import GenerationRequest
+    from zimage.settings import Settings
 
     extra = json.loads(args.settings or "{}")
     out_dir = Path(args.workdir) / "outputs"
@@ -312,7 +312,7 @@ def row_zimage(args: argparse.Namespace) -> dict[str, Any]:
 def probe(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from .weights import WeightReader, index_folder
+    from zimage.model.weights import WeightReader, index_folder
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     folder = Path(args.model)
@@ -368,7 +368,7 @@ def _drop_caches(files: list[Path]) -> str:
             f.write("3\n")
         return "drop_caches"
     except OSError:
-        from .weights import drop_page_cache
+        from zimage.model.weights import drop_page_cache
 
         drop_page_cache(files)
         return "fadvise"
@@ -381,9 +381,9 @@ def _drop_caches(files: list[Path]) -> str:
 def explore(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from .engine import Engine
-    from .requests import GenerationRequest
-    from .settings import Settings
+    from zimage.service.engine import Engine
+    from zimage.service.request import GenerationRequest
+    from zimage.settings import Settings
 
     settings = Settings(
         model=args.model,
@@ -412,8 +412,8 @@ def explore(args: argparse.Namespace) -> dict[str, Any]:
         return _median(xs)
 
     with torch.no_grad():
-        out["text_encoder_real_s"] = timeit(lambda: engine.encode(PROMPT, real_length=True))
-        out["text_encoder_padded512_s"] = timeit(lambda: engine.encode(PROMPT, real_length=False))
+        out["text_encoder_real_s"] = timeit(lambda: engine.runner.encode(PROMPT, real_length=True))
+        out["text_encoder_padded512_s"] = timeit(lambda: engine.runner.encode(PROMPT, real_length=False))
         tok = pipe.tokenizer
         text = tok.apply_chat_template(
             [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True, enable_thinking=True
@@ -474,15 +474,15 @@ def explore(args: argparse.Namespace) -> dict[str, Any]:
         pipe.vae.decoder.compile(dynamic=True)
         steps_time(1)
         out["compiled_vae_s"] = steps_time(1)[1]
-        from .speed import compile_text_encoder
+        from zimage.model.speed import compile_text_encoder
 
         compile_text_encoder(pipe.text_encoder)
         with torch.no_grad():
             t = time.perf_counter()
-            engine.encode(PROMPT)
-            engine.encode(PROMPT + " and a second, longer sentence about boats and a tall pine tree")
+            engine.runner.encode(PROMPT)
+            engine.runner.encode(PROMPT + " and a second, longer sentence about boats and a tall pine tree")
             out["text_encoder_compile_s"] = round(time.perf_counter() - t, 2)
-            out["text_encoder_compiled_real_s"] = timeit(lambda: engine.encode(PROMPT))
+            out["text_encoder_compiled_real_s"] = timeit(lambda: engine.runner.encode(PROMPT))
         print(json.dumps({k: out.get(k) for k in ("compiled_vae_s", "text_encoder_compiled_real_s")}), flush=True)
     out.update(_peak(torch))
     return out
@@ -664,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.cmd == "build":
-        from .fullsize import build
+        from zimage.model.fullsize import build
 
         t = time.perf_counter()
         build(args.model, args.device)

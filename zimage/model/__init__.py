@@ -1,0 +1,1 @@
+"""Finding, loading and placing the model: weights, memory plan, speed switches, test builders."""

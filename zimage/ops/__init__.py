@@ -1,0 +1,1 @@
+"""Operations beside the service: purge thread, memory watchdog, metrics, load timeline and timers."""

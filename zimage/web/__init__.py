@@ -1,0 +1,1 @@
+"""The web studio: the FastAPI server, the Gradio page, its panels and handlers."""
