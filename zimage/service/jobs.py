@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from zimage.errors import Cancelled, ShuttingDown
 
@@ -28,6 +29,8 @@ class Job:
     step: int = 0
     total: int = 0
     created: float = field(default_factory=time.time)
+    want_preview: bool = False  # the runner publishes live previews (service.preview.Frame) into .preview
+    preview: Any = None
 
     def cancel(self) -> None:
         self.cancel_event.set()
