@@ -49,6 +49,7 @@ def parameters_text(meta: dict[str, Any]) -> str:
         ("Steps", meta.get("steps")),
         ("Sampler", "FlowMatch Euler"),
         ("CFG scale", meta.get("guidance")),
+        ("Shift", meta.get("shift")),
         ("Seed", meta.get("seed")),
         ("Size", f"{meta.get('width')}x{meta.get('height')}"),
         ("Model", meta.get("model")),
@@ -89,7 +90,8 @@ def write_png(image, path: Path, meta: dict[str, Any] | None, compress_level: in
 
 
 def read_parameters(source: str | Path | IO[bytes]) -> dict[str, Any]:
-    """The parameters a zimage PNG carries; {} when it carries none (or is not a zimage PNG)."""
+    """The parameters a PNG carries: zimage's own JSON, else the A1111-style `parameters` text that
+    other tools write (see parse_a1111); {} when it carries neither."""
     from PIL import Image
 
     with Image.open(source) as im:
@@ -103,33 +105,52 @@ def read_parameters(source: str | Path | IO[bytes]) -> dict[str, Any]:
             except ValueError:
                 pass
         summary = text.get(TEXT_KEY)
-        return _parse_parameters_text(summary) if summary else {}
+        return parse_a1111(summary) if summary else {}
 
 
-def _parse_parameters_text(text: str) -> dict[str, Any]:
+# One "Key: value" of A1111's last line; a value with commas is quoted ("a: 1, b: 2").
+_A1111_PARAM = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_NEGATIVE = "Negative prompt:"
+
+
+def parse_a1111(text: str) -> dict[str, Any]:
+    """Our fields from the `parameters` text that AUTOMATIC1111, Forge, Fooocus (A1111 mode) and zimage
+    write: prompt lines, "Negative prompt: ..." lines, then one "Steps: 20, Sampler: ..., Seed: 1" line.
+    Keys we have no field for (sampler, model hash, LoRA hashes...) are left out; {} for empty text."""
     lines = text.strip().splitlines()
     if not lines:
         return {}
     out: dict[str, Any] = {}
-    tail = lines[-1]
-    body = lines[:-1]
-    if body and body[-1].startswith("Negative prompt: "):
-        out["negative_prompt"] = body.pop()[len("Negative prompt: ") :]
-    out["prompt"] = "\n".join(body)
-    for part in tail.split(", "):
-        key, _, value = part.partition(": ")
-        key = key.strip().lower()
-        if key == "steps":
-            out["steps"] = int(value)
-        elif key == "cfg scale":
-            out["guidance"] = float(value)
-        elif key == "seed":
-            out["seed"] = int(value)
-        elif key == "size":
-            w, _, h = value.partition("x")
-            out["width"], out["height"] = int(w), int(h)
-        elif key == "model":
-            out["model"] = value
+    params = dict(_A1111_PARAM.findall(lines[-1]))
+    if len(params) >= 3:  # A1111's own test: a real parameters line has at least three pairs
+        lines = lines[:-1]
+    else:
+        params = {}
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith(_NEGATIVE):
+            in_negative = True
+            line = line[len(_NEGATIVE) :].strip()
+        (negative if in_negative else prompt).append(line)
+    out["prompt"] = "\n".join(prompt).strip()
+    if negative:
+        out["negative_prompt"] = "\n".join(negative).strip()
+    fields = {k.strip().lower(): v.strip().strip('"') for k, v in params.items()}
+    for key, name, kind in (
+        ("steps", "steps", int),
+        ("cfg scale", "guidance", float),
+        ("seed", "seed", int),
+        ("shift", "shift", float),
+        ("model", "model", str),
+    ):
+        if key in fields:
+            try:
+                out[name] = kind(fields[key])
+            except ValueError:
+                pass
+    w, _, h = fields.get("size", "").partition("x")
+    if w.strip().isdigit() and h.strip().isdigit():
+        out["width"], out["height"] = int(w), int(h)
     return out
 
 
