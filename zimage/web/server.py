@@ -130,6 +130,7 @@ class WebServer:
         from fastapi.responses import JSONResponse, Response
         from prometheus_client import CONTENT_TYPE_LATEST
 
+        from zimage.web.api import ApiDefaults
         from zimage.web.page import page_options
 
         s = self.settings
@@ -147,6 +148,7 @@ class WebServer:
 
         app = FastAPI(title="zimage", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
         app.add_middleware(_Watch, on_refused=self._queue_refused, on_file=self._file_served)
+        app.add_middleware(ApiDefaults, blocks=self.blocks)  # REST calls may leave out all but the prompt
 
         @app.get("/health")
         def health():
