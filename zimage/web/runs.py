@@ -156,8 +156,9 @@ def _key(width: Any, height: Any, count: Any) -> tuple[int, int, int] | None:
 class Runs:
     """Every browser's runs: start, find, cancel, take over after a reload."""
 
-    def __init__(self, engine: Any):
+    def __init__(self, engine: Any, close_grace_s: float = CLOSE_GRACE_S):
         self.engine = engine
+        self.close_grace_s = close_grace_s
         self.clock = StepClock()
         self._runs: list[Run] = []
         self._lock = threading.Lock()
@@ -242,7 +243,7 @@ class Runs:
             return
 
         def later() -> None:
-            time.sleep(CLOSE_GRACE_S)
+            time.sleep(self.close_grace_s)
             for run in runs:
                 if run.session == session and run.active:
                     log.info("run %s cancelled: its page was closed", run.id)
