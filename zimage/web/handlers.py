@@ -331,10 +331,9 @@ class Studio:
     def _dropped(self, fn_id: int, lang: str) -> tuple[dict[str, Any], bool]:
         """What a removed waiting event's stream ends with: the page keeps its result and says so;
         an API client gets the error 'Cancelled…' as for a running job."""
-        if fn_id in self.ui_fn_ids:
+        if fn_id in self.ui_fn_ids:  # the cancel note says it; the running run's own box says how it ended
             keep = {"__type__": "update"}
-            live = render_live({"state": "cancelled", "reason": "queue"}, lang)
-            return {"data": [keep, keep, live, keep, keep, keep, keep], "is_generating": False}, True
+            return {"data": [keep] * 7, "is_generating": False}, True
         from gradio.utils import error_payload
 
         err = gr.Error("Cancelled before it started: removed from the queue.", print_exception=False)
