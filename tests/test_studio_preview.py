@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.conftest import pixels
 from zimage.errors import InvalidRequest
 from zimage.service.preview import (
     FLUX_LATENT_RGB,
@@ -18,6 +17,8 @@ from zimage.service.preview import (
     scheduler_sigmas,
 )
 from zimage.service.request import GenerationRequest, Limits, validate
+
+from .support import pixels
 
 
 def _rgb(x0):
