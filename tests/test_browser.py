@@ -354,6 +354,13 @@ def test_the_chinese_page(studio, browser, tmp_path):
     page.wait_for_function("document.querySelector('#zi-generate').innerText == 'Generate'")
     page.click("#zi-lang")
     page.wait_for_function("document.querySelector('#zi-generate').innerText == '生成'")
+    # light and dark: switched at once, remembered over a reload
+    dark = page.evaluate("document.body.classList.contains('dark')")
+    page.click("#zi-theme")
+    assert page.evaluate("document.body.classList.contains('dark')") is not dark
+    page.reload()
+    page.wait_for_selector(".zi-banner-ready")
+    page.wait_for_function(f"document.body.classList.contains('dark') === {str(not dark).lower()}")
     assert not errors, errors
     ctx.close()
 
@@ -379,6 +386,9 @@ def test_a_phone_sees_its_result_after_generate(studio, browser, tmp_path):
     assert 0 <= img["y"] and img["y"] + img["height"] / 2 <= 844, img  # the result is in view
     seed = _summary_seed(page)
     assert str(seed) in page.inner_text("#zi-summary")  # the full seed, not cut
+    name = page.locator("#zi-download td.filename").first
+    assert f"seed{seed}" in name.inner_text()  # the file name wraps instead of being cut
+    assert name.evaluate("e => e.scrollWidth <= e.clientWidth + 1")
     shot = tmp_path / "phone.png"
     page.screenshot(path=str(shot))
     keep(shot, "screenshot-phone.png")

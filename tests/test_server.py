@@ -382,6 +382,9 @@ def test_the_prompt_alone_with_a_login(server, client):
         event = http.post("/gradio_api/call/generate", json={"data": ["a cat"]}).json()["event_id"]
         with http.stream("GET", f"/gradio_api/call/generate/{event}") as stream:
             lines = list(stream.iter_lines())
+        # the page's "Log out" link is Gradio's /logout: afterwards the session is gone
+        assert http.get("/logout").status_code in (302, 303, 307)
+        assert http.post("/gradio_api/call/generate", json={"data": ["a cat"]}).status_code == 401
     assert "event: complete" in lines, lines[-4:]
     _, details = json.loads(lines[lines.index("event: complete") + 1][len("data: ") :])
     assert details["width"] == 256 and details["seed"] >= 0

@@ -165,3 +165,16 @@ def test_selecting_reads_only_this_studios_images(engine, make_settings, tmp_pat
     Image.new("RGB", (8, 8)).save(elsewhere, pnginfo=info)
     params, md = studio.select_image(gr.SelectData(None, {"index": 0, "value": {"image": {"path": str(elsewhere)}}}))
     assert params == {} and "secret" not in md
+
+
+def test_a_logout_link_only_with_logins(engine, make_settings):
+    from zimage.ops.operations import Operations
+
+    def header(**kw):
+        settings = make_settings(**kw)
+        demo = page.build_ui(engine, Operations(engine, settings, lambda code: None), settings)
+        return next(b.value for b in demo.blocks.values() if getattr(b, "elem_id", None) == "zi-brand")
+
+    assert 'href="logout"' in header(auth=("alice:pw1",))
+    assert 'href="logout"' not in header()
+    assert 'id="zi-lang"' in header() and 'id="zi-theme"' in header()

@@ -29,8 +29,10 @@ class History:
         self._lock = threading.Lock()
 
     def _files(self, user: str) -> list[Path]:
+        """This user's outputs where the store keeps a space per user (history(limit, owner)), else
+        the one shared outputs folder."""
         try:
-            return self.store.history(ALL, user=user)  # per-user outputs, where the store has them
+            return self.store.history(ALL, user)
         except TypeError:
             return self.store.history(ALL)
 
