@@ -118,16 +118,13 @@ def test_the_preview_costs_a_few_hundred_kflop_per_step():
     assert cost["frames"] > 0
 
 
-@pytest.mark.slow  # loads a model of its own
-def test_bench_preview_measures_steps_with_and_without_the_preview(tiny_dir, tmp_path):
+def test_bench_preview_measures_steps_with_and_without_the_preview(engine, tmp_path):
     import argparse
 
     from zimage.bench.preview import bench_preview
 
-    args = argparse.Namespace(
-        model=str(tiny_dir), size=128, steps=4, runs=2, workdir=str(tmp_path), compile_cache=str(tmp_path / "ind")
-    )
-    out = bench_preview(args)
+    args = argparse.Namespace(model="tiny", size=128, steps=4, runs=2, workdir=str(tmp_path), compile_cache="")
+    out = bench_preview(args, engine)
     assert out["device"] == "cpu" and out["runs_with_frames"] == 2
     assert out["step_s_without_preview"] > 0 and out["step_s_with_preview"] > 0
     assert out["preview_alone"]["preview_px"] == [16, 16] and out["preview_alone"]["frames"] > 0

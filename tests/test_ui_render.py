@@ -96,12 +96,12 @@ def test_the_page_wires_one_gpu_queue_and_keeps_the_panel_off_it(engine, make_se
     for f in on_gpu:
         assert f.concurrency_limit == 1 and f.queue
         assert not f.preprocess  # raw values: the engine's messages reach the client
-    # the page's reload follows its run off the GPU group, without a limit; everything else answers
-    # at once, off the queue (the live panel above all)
-    restore = [f for f in fns if f.name == "restore"]
-    assert len(restore) == 1 and restore[0].concurrency_limit is None
+    # after a reload the page follows its run off the GPU group, without a limit; everything else
+    # answers at once, off the queue (the live panel above all, and the reload itself)
+    follow = [f for f in fns if f.name == "follow"]
+    assert len(follow) == 1 and follow[0].concurrency_limit is None and follow[0].queue
     closed = [f for f in fns if f.name == "page_closed"]  # demo.unload: Gradio calls it directly
-    assert all(not f.queue for f in fns if f not in on_gpu + restore + closed)
+    assert all(not f.queue for f in fns if f not in on_gpu + follow + closed)
     assert demo._queue.max_size == 5 and demo.api_open is False
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 
-def bench_preview(args: argparse.Namespace) -> dict[str, Any]:
+def bench_preview(args: argparse.Namespace, engine: Any = None) -> dict[str, Any]:
+    """One JSON row; `engine`: a loaded one to measure on (else --model is loaded, and shut down after)."""
     import torch
 
     from zimage.service.engine import Engine
@@ -23,14 +24,16 @@ def bench_preview(args: argparse.Namespace) -> dict[str, Any]:
     from zimage.service.request import GenerationRequest
     from zimage.settings import Settings
 
-    settings = Settings(
-        model=args.model,
-        outputs_dir=str(Path(args.workdir) / "outputs"),
-        compile_cache_dir=args.compile_cache,
-        min_size=min(256, args.size),
-    )
-    engine = Engine(settings)
-    engine.load()
+    own = engine is None
+    if own:
+        settings = Settings(
+            model=args.model,
+            outputs_dir=str(Path(args.workdir) / "outputs"),
+            compile_cache_dir=args.compile_cache,
+            min_size=min(256, args.size),
+        )
+        engine = Engine(settings)
+        engine.load()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     alone = measure_cost(device, args.size, args.size, args.steps, repeat=200)
     req = GenerationRequest(
@@ -47,7 +50,8 @@ def bench_preview(args: argparse.Namespace) -> dict[str, Any]:
             steps[want].extend(result.timings.steps)
             frames += want and job.preview is not None
     off, on = statistics.median(steps[False]), statistics.median(steps[True])
-    engine.shutdown(5)
+    if own:
+        engine.shutdown(5)
     return {
         "device": device,
         "size": args.size,

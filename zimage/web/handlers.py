@@ -344,23 +344,22 @@ class Studio:
         self.runs.tab_closed(_session(request))
 
     def restore(self, client: Any, request: gr.Request):
-        """Page load: a browser id for a new browser; for a known one, its last form and result, and its
-        run if one is still going (followed to the end) or a word that it was cancelled.
+        """Page load, off the queue (it answers even when the queue is full): a browser id for a new
+        browser; for a known one, its last form and result, and a word if its last run was cancelled.
+        A run still going is taken over by this page; the id returned last makes `follow` show it.
 
-        Yields (client, gallery, details, live, summary, download, last seed, note, *form)."""
+        Returns (client, gallery, details, live, summary, download, last seed, note, *form, follow)."""
         import uuid
 
         lang = lang_of(request)
         skip = gr.skip()
-        n_form = 11
+        nothing = (skip, skip, "", skip, skip, skip, skip, *([skip] * 11), skip)
         client = str(client or "")
         if not client:
-            yield (uuid.uuid4().hex, skip, skip, "", skip, skip, skip, skip, *([skip] * n_form))
-            return
+            return (uuid.uuid4().hex, *nothing)
         run = self.runs.last_of_client(client, _user(request))
         if run is None:
-            yield (skip, skip, skip, "", skip, skip, skip, skip, *([skip] * n_form))
-            return
+            return (skip, *nothing)
         form = self.use_settings(run.form, keep_count=True)
         done = self.runs.last_done_of_client(client, _user(request))
         shown = [skip] * 5
@@ -370,17 +369,20 @@ class Studio:
         if run.active:
             self.runs.take_over(run, _session(request))
             live = render_live(self._live_state(run), lang)
-            yield (skip, shown[0], shown[1], live, shown[2], shown[3], shown[4], skip, *form)
-            for out in self._follow(run, lang):
-                yield (skip, *out, *([skip] * n_form))
-            return
+            return (skip, shown[0], shown[1], live, shown[2], shown[3], shown[4], skip, *form, run.id)
         if run.state == "failed":
-            yield (skip, *shown[:2], "", *shown[2:], skip, *form)
-            return
+            return (skip, *shown[:2], "", *shown[2:], skip, *form, skip)
         gallery, details, live, summary, download, seed, _note = self._finished(run, lang)
         if run.state == "cancelled":
             gallery, details, summary, download, seed = shown
-        yield (skip, gallery, details, live, summary, download, seed, skip, *form)
+        return (skip, gallery, details, live, summary, download, seed, skip, *form, skip)
+
+    def follow(self, run_id: Any, request: gr.Request):
+        """After a reload: the run this page took over, followed to its end like the page's own."""
+        run = self.runs.by_id(str(run_id or ""), _session(request))
+        if run is None:
+            return
+        yield from self._follow(run, lang_of(request))
 
     # --- history, parameters ------------------------------------------------------------
 

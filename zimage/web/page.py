@@ -397,10 +397,20 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
             "waiting ones leave the queue. Other sessions' jobs go on.",
         )
         demo.unload(studio.page_closed)
+        # a reload: the form and last result at once (off the queue); a run still going is followed
+        following = gr.State("")
         demo.load(
             studio.restore,
             inputs=[client],
-            outputs=[client, *run_outputs, *form],
+            outputs=[client, *run_outputs, *form, following],
+            queue=False,
+            show_progress="hidden",
+            api_visibility="private",
+        )
+        following.change(
+            studio.follow,
+            inputs=[following],
+            outputs=run_outputs,
             concurrency_limit=None,
             show_progress="hidden",
             api_visibility="private",

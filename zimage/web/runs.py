@@ -199,6 +199,7 @@ class Runs:
             run.state, run.error = "failed", INTERNAL_ERROR
         finally:
             run.done.set()
+            run.job.preview = None  # finished runs are kept for reloads: without their last frame
 
     # --- finding runs ---------------------------------------------------------------------
 
@@ -220,6 +221,11 @@ class Runs:
         with self._lock:
             mine = [r for r in self._runs if r.client == client and r.user == user and r.state == "done"]
         return mine[-1] if mine else None
+
+    def by_id(self, run_id: str, session: str) -> Run | None:
+        """The run with this id, if this session follows it."""
+        with self._lock:
+            return next((r for r in self._runs if r.id == run_id and r.session == session), None)
 
     def running(self) -> Run | None:
         """The run on the GPU now, if it is one of the page's (API jobs are not runs)."""
