@@ -62,6 +62,10 @@ class ModelNotFound(ZImageError):
     """The model could not be found or downloaded; the message says where we looked and what to do."""
 
 
+class UnreadableImage(ZImageError):
+    """An image file that cannot be read (not a PNG, damaged, too large): the message says which."""
+
+
 def _short(value: Any) -> str:
     if isinstance(value, str):
         return f"a text of {len(value)} characters"

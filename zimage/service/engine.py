@@ -195,7 +195,7 @@ class Engine:
                 self.metrics.stage.labels("png").observe(seconds)
                 self._log_request(req, result, "ok", None)
 
-            result._saved = self.store.save_async(result.images, metas, saved)
+            result._saved = self.store.save_async(result.images, metas, saved, owner=req.owner)
         else:
             self._log_request(req, result, "ok", None)
         self.recent.add(result.summary())
