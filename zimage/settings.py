@@ -201,6 +201,28 @@ class Settings:
         group="server",
     )
     auth_file: str | None = opt(None, "File with one user:password per line.", group="server")
+    admins: tuple[str, ...] = opt(
+        tuple,
+        "Logged-in users who see every user's outputs and history (comma-separated in ZIMAGE_ADMINS).",
+        group="server",
+    )
+    max_jobs_per_user: int = opt(
+        4,
+        "Most jobs one user (one address without logins) may have queued or running; more are refused "
+        "at once, and everyone else keeps their place.",
+        group="server",
+    )
+    max_upload_mb: int = opt(16, "Largest file one upload may be, in MB.", group="server")
+    upload_quota_mb: int = opt(200, "Most MB one user (or address) may upload per hour (0 = no limit).", group="server")
+    upload_quota_files: int = opt(
+        60, "Most files one user (or address) may upload per hour (0 = no limit).", group="server"
+    )
+    login_max_delay_s: float = opt(
+        30.0,
+        "Failed logins: after 3 in a row for one user name or from one address, the next attempt must wait "
+        "1 s, then 2 s, 4 s, ... up to this many seconds (0 = no throttle).",
+        group="server",
+    )
     share: bool = opt(False, "Ask Gradio for a public share link (needs auth).", group="server")
     share_without_auth: bool = opt(False, "Allow --share without auth, on purpose.", group="server")
     root_path: str = opt("", "URL prefix when served behind a reverse proxy.", group="server")
@@ -318,7 +340,20 @@ def _check(s: Settings) -> Settings:
             raise SettingsError(f"Setting 'gpu_max_memory': {exc}") from None
     for entry in s.auth:
         parse_user(entry, "--auth")
+    _check_access(s)
     return s
+
+
+def _check_access(s: Settings) -> None:
+    """The per-user limits (users themselves are checked by the web server, which reads the auth file)."""
+    for name in ("max_jobs_per_user", "max_upload_mb"):
+        if getattr(s, name) < 1:
+            raise SettingsError(f"Setting '{name}' must be at least 1 (got {getattr(s, name)}).")
+    for name in ("upload_quota_mb", "upload_quota_files"):
+        if getattr(s, name) < 0:
+            raise SettingsError(f"Setting '{name}' must be 0 (no limit) or more (got {getattr(s, name)}).")
+    if not 0.0 <= s.login_max_delay_s <= 86400.0:  # also refuses NaN
+        raise SettingsError(f"Setting 'login_max_delay_s' must be within 0..86400 seconds (got {s.login_max_delay_s}).")
 
 
 def parse_user(entry: str, where: str) -> tuple[str, str]:

@@ -142,6 +142,7 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
             with gr.Column(scale=4, min_width=330, elem_id="zi-form"):
                 with gr.Group(elem_classes=["zi-card-group"]):
                     prompt = gr.Textbox(
+                        "",  # a default for API callers too: Client.predict("a cat", api_name="/generate")
                         label="Prompt",
                         placeholder="Describe the picture… (Enter generates, Shift+Enter adds a line)",
                         lines=1,
@@ -151,6 +152,7 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
                         max_length=settings.max_prompt_chars,
                     )
                     negative = gr.Textbox(
+                        "",
                         label="Negative prompt",
                         placeholder="What to avoid",
                         lines=1,
@@ -251,7 +253,7 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
                     with gr.Tab("History", id="history") as history_tab:
                         with gr.Row(equal_height=True):
                             gr.Markdown(
-                                "Saved outputs, newest first. Select one to see its parameters.",
+                                f"Saved outputs, newest first. Select one to see its parameters. {studio.space_note()}",
                                 elem_classes=["zi-hint"],
                             )
                             refresh_btn = gr.Button("↻ Refresh", size="sm", scale=0, min_width=110)
