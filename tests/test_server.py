@@ -364,7 +364,7 @@ def test_generate_returns_the_requested_size_and_the_seed_it_reports(server, cli
         assert params["seed"] == seed and params["width"] == 128 and params["height"] == 96
         assert item["caption"] == f"seed {seed}"
     for name in details["files"]:  # our PNGs, saved in the outputs folder
-        assert (server.outputs / name).is_file()
+        assert (server.outputs / USER[0] / name).is_file()  # the logged-in user's own folder
     t = details["timings"]
     assert t["total_s"] > 0 and len(t["steps_s"]) == 4 and t["png_s"] is not None
     assert details["memory_mode"] == "cpu"
@@ -581,7 +581,7 @@ def test_sigterm_lets_the_running_job_finish_and_exits_0(server):
     assert details["seeds"][0] == 77 and len(gallery) == LONG["count"]
     assert server.proc.wait(60) == 0
     for name in details["files"]:
-        assert (server.outputs / name).is_file()  # flushed before exit
+        assert (server.outputs / USER[0] / name).is_file()  # flushed before exit
     log = server.log()
     assert "shutting down (SIGTERM)" in log and "exit code 0" in log
     assert "Traceback" not in log, log[-3000:]

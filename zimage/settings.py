@@ -219,7 +219,7 @@ class Settings:
     )
     login_max_delay_s: float = opt(
         30.0,
-        "Failed logins: after 3 in a row for one user name or from one address, the next attempt must wait "
+        "Failed logins: after 5 in a row for one user name or from one address, the next attempt must wait "
         "1 s, then 2 s, 4 s, ... up to this many seconds (0 = no throttle).",
         group="server",
     )

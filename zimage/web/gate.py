@@ -46,11 +46,13 @@ OPEN_PATHS = frozenset(
         f"{API}/theme.css",
     }
 )
+# Gradio routes the studio never uses; process_recording is an unmetered upload running ffmpeg.
+UNUSED_PREFIXES = (f"{API}/process_recording", f"{API}/proxy=", f"{API}/vibe-", "/monitoring")
 OPEN_PREFIXES = ("/assets/", "/static/", "/svelte/", "/pwa_icon", f"{API}/assets/", f"{API}/static/")
 MAX_JSON_BODY = 4 << 20  # a request's JSON (prompts, paths) is small; uploads go through /upload
 MAX_LOGIN_BODY = 64 << 10
 QUOTA_WINDOW_S = 3600.0
-FREE_LOGIN_FAILURES = 3  # a few typos cost nothing
+FREE_LOGIN_FAILURES = 5  # a few typos cost nothing (fail2ban's default too)
 MAX_TRACKED = 20_000
 
 Scope = dict[str, Any]
@@ -115,6 +117,9 @@ class GatePolicy:
         if scope["type"] != "http":
             await app(scope, receive, send)
             return
+        if path.startswith(UNUSED_PREFIXES):
+            await _json(send, 404, {"detail": "Not Found"})
+            return
         viewer = self.access.viewer_of(user, address)
         if path.startswith(f"{API}/file=") or path.startswith(f"{API}/file/"):
             await self._file(app, scope, receive, send, viewer, path)
@@ -145,9 +150,9 @@ class GatePolicy:
         session = _query(scope).get("session_hash")
         if parts[0] == "heartbeat" and len(parts) > 1:
             session = parts[1]
-        elif parts[0] == "stream" and len(parts) > 2:
+        elif parts[0] == "stream" and len(parts) > 3:  # stream/{session}/{run}/{component}/...
             session = parts[1]
-        elif parts[0] == "stream" and len(parts) > 1:
+        elif parts[0] == "stream" and len(parts) > 1:  # stream/{event_id}[/close]
             return self._foreign_event(parts[1], viewer)
         elif parts[0] == "call" and len(parts) > 2:
             return self._foreign_event(parts[-1], viewer)

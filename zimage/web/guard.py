@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import stat
 import threading
 import time
@@ -349,13 +350,18 @@ def _wrap_preprocess(blocks: gr.Blocks) -> None:
     async def preprocess_data(block_fn: Any, inputs: list[Any], *args: Any, **kwargs: Any) -> Any:
         try:
             return await original(block_fn, inputs, *args, **kwargs)
-        except gr.Error:
+        except Refused:
             raise
+        except gr.Error as exc:  # a component's own check ("Value: 'x' is not in the list of choices: [...]")
+            raise Refused(_PYTHON_TYPE.sub("", exc.message)) from None
         except Exception as exc:  # noqa: BLE001 - the client sent something Gradio could not take
             log.info("refused the values sent to %s: %s", getattr(block_fn, "name", "?"), str(exc)[:300])
             raise Refused(_bad_values(block_fn, inputs)) from None
 
     blocks.preprocess_data = preprocess_data
+
+
+_PYTHON_TYPE = re.compile(r" \(type: <class '[^']*'>\)")
 
 
 def _bad_values(block_fn: Any, inputs: Any) -> str:
