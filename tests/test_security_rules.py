@@ -15,14 +15,8 @@ import pytest
 from PIL import Image
 
 from zimage.errors import SettingsError, UnreadableImage
-from zimage.service.store import (
-    OutputStore,
-    output_name,
-    read_parameters,
-    read_parameters_checked,
-    read_png_text,
-    user_folder_name,
-)
+from zimage.service.pngmeta import read_parameters, read_parameters_checked, read_png_text
+from zimage.service.store import OutputStore, output_name, user_folder_name
 
 META = {"prompt": "a lighthouse", "seed": 7, "width": 64, "height": 48, "steps": 2, "guidance": 0.0}
 
@@ -227,6 +221,8 @@ def test_the_path_rule(rule):
     assert access.check(upload, v["alice"]) == upload
     with pytest.raises(Refused):
         access.check(upload, v["bob"])
+    access.grant(upload, v["bob"])  # bob uploads the very same file: now it is both users'
+    assert access.check(upload, v["bob"]) == access.check(upload, v["alice"]) == upload
     # every file reference in a payload, however nested
     with pytest.raises(Refused):
         access.check_payload({"value": [{"image": {"path": str(files["alice"])}}]}, v["bob"])
@@ -265,7 +261,7 @@ def test_an_outputs_folder_holding_secrets_is_refused(tmp_path, monkeypatch):
 
 
 def test_failed_logins_wait_longer_and_longer():
-    from zimage.web.gate import LoginThrottle
+    from zimage.web.limits import LoginThrottle
 
     t = LoginThrottle(max_delay_s=8)
     keys = ("user:alice", "address:1.2.3.4")
@@ -279,7 +275,7 @@ def test_failed_logins_wait_longer_and_longer():
 
 
 def test_upload_quota_counts_bytes_and_files_per_user():
-    from zimage.web.gate import UploadQuota
+    from zimage.web.limits import UploadQuota
 
     q = UploadQuota(max_bytes=1000, max_files=3)
     assert q.check("user:a", 600)[0] is None
@@ -290,3 +286,12 @@ def test_upload_quota_counts_bytes_and_files_per_user():
     q.record("user:a", 10, 2)
     refusal, _ = q.check("user:a", 1)
     assert "uploaded 3 files in the last hour" in refusal
+
+
+def test_the_page_says_whether_people_share_one_space(engine, make_settings):
+    from zimage.web.handlers import Studio
+
+    shared = Studio(engine, None, make_settings()).space_note()
+    assert "No logins are set up: everyone who opens this page shares one history" in shared
+    own = Studio(engine, None, make_settings(auth=("alice:pw",))).space_note()
+    assert own == "Only you see your images (each login has its own)."

@@ -115,7 +115,8 @@ class Access:
         self.outputs_roots = _roots(store.folder, store.root)
         self.cache_roots = _roots(cache, cache.resolve())
         self.cache_root = cache.resolve()
-        self._grants: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        # cached file -> (who was given it, when last): two users may upload the very same file
+        self._grants: OrderedDict[str, tuple[frozenset[str], float]] = OrderedDict()
         self._sessions: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -207,7 +208,8 @@ class Access:
         if real is None:
             return  # outputs need no grant: their folder says whose they are
         with self._lock:
-            self._grants[str(real)] = (viewer.owner, time.time())
+            owners, _ = self._grants.get(str(real), (frozenset(), 0.0))
+            self._grants[str(real)] = (owners | {viewer.owner}, time.time())
             self._grants.move_to_end(str(real))
             while len(self._grants) > MAX_GRANTS:
                 self._grants.popitem(last=False)
@@ -221,7 +223,7 @@ class Access:
             entry = self._grants.get(str(real))
         if entry is None or time.time() - entry[1] > GRANT_TTL_S:
             return False
-        return viewer.admin or entry[0] == viewer.owner
+        return viewer.admin or viewer.owner in entry[0]
 
 
 def _roots(written: Path, real: Path) -> tuple[Path, ...]:

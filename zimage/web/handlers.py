@@ -20,8 +20,9 @@ import gradio as gr
 
 from zimage.errors import UnreadableImage, ZImageError
 from zimage.model.presets import ASPECT_RATIOS
+from zimage.service.pngmeta import clean_parameters, read_parameters, read_parameters_checked
 from zimage.service.request import GUIDANCE_MAX, GenerationRequest
-from zimage.service.store import clean_parameters, is_output_name, read_parameters, read_parameters_checked
+from zimage.service.store import is_output_name
 from zimage.web.guard import INTERNAL_ERROR, Access, Refused, access_of
 from zimage.web.panels import _s, history_items, parameters_markdown, render_banner, render_profiler, summary_markdown
 from zimage.web.sizes import CUSTOM, match_preset, preset_size, ratio_label, size_note, size_tiers
