@@ -114,7 +114,6 @@ class Access:
         # (folder as written, the same folder with links resolved): Gradio writes either form
         self.outputs_roots = _roots(store.folder, store.root)
         self.cache_roots = _roots(cache, cache.resolve())
-        self.cache_root = cache.resolve()
         # cached file -> (who was given it, when last): two users may upload the very same file
         self._grants: OrderedDict[str, tuple[frozenset[str], float]] = OrderedDict()
         self._sessions: OrderedDict[str, str] = OrderedDict()
@@ -149,10 +148,6 @@ class Access:
                 return True
             self._sessions.move_to_end(session)
             return owner == viewer.user
-
-    def owner_of_session(self, session: str) -> str | None:
-        with self._lock:
-            return self._sessions.get(session)
 
     # --- the path rule ---------------------------------------------------------------------
 
@@ -191,10 +186,6 @@ class Access:
             return _inside(Path(os.path.abspath(os.fspath(path))), self.cache_roots, "")
         except Refused:
             return None
-
-    def in_outputs(self, path: str | os.PathLike) -> bool:
-        absolute = Path(os.path.abspath(os.fspath(path)))
-        return any(absolute == r or absolute.is_relative_to(r) for r in self.outputs_roots)
 
     def check_payload(self, value: Any, viewer: Viewer) -> None:
         """Check every file a payload (inputs, event data) names."""
@@ -301,19 +292,14 @@ def access_of(blocks: Any, store: OutputStore) -> Access:
     return access if access is not None else Access(store)
 
 
-def install(
-    blocks: gr.Blocks,
-    access: Access,
-    max_jobs_per_user: int,
-    on_refused: Callable[[], None] | None = None,
-) -> None:
+def install(blocks: gr.Blocks, access: Access, max_jobs_per_user: int) -> None:
     """Restore Gradio's file checks on the mounted Blocks and add zimage's rule (see the module doc)."""
     blocks.has_launched = True  # what launch() sets, and _check_allowed waits for
     blocks._zimage_access = access
     _patch_gradio_check()
     _wrap_process_api(blocks, access)
     _wrap_preprocess(blocks)
-    _cap_queue(blocks, access, max_jobs_per_user, on_refused)
+    _cap_queue(blocks, access, max_jobs_per_user)
 
 
 def _wrap_process_api(blocks: gr.Blocks, access: Access) -> None:
@@ -409,9 +395,10 @@ def _patch_gradio_check() -> None:
         processing_utils._check_allowed = _check_allowed
 
 
-def _cap_queue(blocks: gr.Blocks, access: Access, limit: int, on_refused: Callable[[], None] | None) -> None:
+def _cap_queue(blocks: gr.Blocks, access: Access, limit: int) -> None:
     """At most `limit` queued or running jobs per user (address without logins): one person
-    cannot fill the queue, and everyone else keeps their place."""
+    cannot fill the queue, and everyone else keeps their place. The 429 counts as 'rejected' in
+    /metrics (server._Watch)."""
     from fastapi import HTTPException
 
     queue = blocks._queue
@@ -425,8 +412,6 @@ def _cap_queue(blocks: gr.Blocks, access: Access, limit: int, on_refused: Callab
         async with lock[0]:  # counting and joining are one step: two calls cannot both slip in
             mine = sum(1 for event in _queued_events(queue) if _event_key(event, access) == viewer.key)
             if mine >= limit:
-                if on_refused is not None:
-                    on_refused()
                 log.info("queue: %s already has %d job(s) queued or running; refused one more", viewer.key, mine)
                 raise HTTPException(
                     status_code=429,
