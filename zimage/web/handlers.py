@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 HISTORY_LIMIT = 40
 PROGRESS_EVERY_S = 0.1  # at most ten progress updates a second to each browser
 ASPECT_LABELS = tuple(ratio_label(r) for r in ASPECT_RATIOS)
-__all__ = ["INTERNAL_ERROR", "FormValues", "Studio"]
 
 # ------------------------------------------------------------------------------------------
 # the handlers
