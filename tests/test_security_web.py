@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from tests.test_security_rules import png_bomb, png_with_meta, reset_peak_rss, rss_kib
-from tests.test_server import ROOT, metric, start_server, wait_running
+from .support import App, metric, run_python, wait_running, wait_until
+from .test_security_rules import png_bomb, png_with_meta, reset_peak_rss, rss_kib
 
 pytestmark = pytest.mark.slow
 
@@ -111,7 +109,7 @@ def site(tmp_path_factory, tiny_dir):
     (work / "zimage.yaml").write_text("png_compress_level: 1\n")  # read at start: a settings file to protect
     secret = work / "secret.png"
     secret.write_bytes(SECRET)
-    server = start_server(
+    server = App(
         work,
         tiny_dir,
         "--auth-file",
@@ -126,7 +124,7 @@ def site(tmp_path_factory, tiny_dir):
         "3",
         "--login-max-delay-s",
         "4",
-    )
+    ).wait_ready()
     from zimage.service.store import output_name
 
     link = server.outputs / "bob" / output_name(424242)
@@ -147,8 +145,7 @@ def site(tmp_path_factory, tiny_dir):
     yield s
     for http in s.http.values():
         http.close()
-    server.proc.kill()  # the graceful stop is test_server's; here it would only cost time
-    server.proc.wait(30)
+    server.kill()  # the graceful stop is test_shutdown's; here it would only cost time
 
 
 # ------------------------------------------------------------------------------------------
@@ -188,7 +185,7 @@ def test_every_handler_refuses_files_that_are_not_the_askers(site):
                 assert not any(leak in text for leak in LEAKS), text
     assert tried > 100
     # nothing of the secret reached Gradio's cache, so nothing of it can be fetched from there
-    cached = [p for p in (site.work / "gradio-cache").rglob("*") if p.is_file()]
+    cached = [p for p in (site.work / "gradio").rglob("*") if p.is_file()]
     assert cached and not [p for p in cached if p.read_bytes() == SECRET]
     assert "Traceback" not in site.server.log()
 
@@ -220,7 +217,7 @@ def test_the_file_route_serves_only_the_askers_own_images(site):
         site.link,
         site.work / "team-users.txt",
         site.work / "zimage.yaml",
-        site.work / "server.log",
+        site.work / "app.log",
         "/etc/passwd",
         site.alice_png,
         site.alice_shown,
@@ -265,7 +262,7 @@ def test_bob_cannot_list_load_or_cancel_alices_work(site):
     # cancel: bob names alice's session on Gradio's /cancel, on the studio's cancel, on her stream
     client = Client(site.url, auth=("alice", USERS["alice"]), verbose=False)
     job = client.submit("a long one", "", *HUGE, api_name="/generate")
-    wait_running(site.server)
+    wait_running(site.url)
     her = client.session_hash
     gen = site.fn("generate")
     r = bob.post("/gradio_api/cancel", json={"session_hash": her, "fn_index": gen, "event_id": "x"})
@@ -278,12 +275,9 @@ def test_bob_cannot_list_load_or_cancel_alices_work(site):
         f"{site.url}/gradio_api/cancel", json={"session_hash": her, "fn_index": gen, "event_id": "x"}
     )
     assert anonymous.status_code == 401
-    assert metric(site.server, "zimage_running_jobs") == 1 and not job.done()  # hers runs on
+    assert metric(site.url, "zimage_running_jobs") == 1 and not job.done()  # hers runs on
     assert job.cancel()  # her own cancel works
-    end = time.monotonic() + 30
-    while metric(site.server, "zimage_running_jobs") != 0 and time.monotonic() < end:
-        time.sleep(0.05)
-    assert metric(site.server, "zimage_running_jobs") == 0
+    wait_until(lambda: metric(site.url, "zimage_running_jobs") == 0, 30, "her job to stop")
     client.close()
 
 
@@ -348,20 +342,18 @@ def test_one_user_cannot_fill_the_queue(site):
     gen = site.fn("generate")
     clients = [Client(site.url, auth=("alice", USERS["alice"]), verbose=False) for _ in range(MAX_JOBS)]
     jobs = [c.submit(f"long {i}", "", *HUGE, api_name="/generate") for i, c in enumerate(clients)]
-    wait_running(site.server)
-    end = time.monotonic() + 30  # her second job waits behind her first
-    while metric(site.server, "zimage_queue_depth") < 1 and time.monotonic() < end:
-        time.sleep(0.05)
-    refused = metric(site.server, "zimage_requests_total", {"outcome": "rejected"}) or 0
+    wait_running(site.url)
+    wait_until(lambda: metric(site.url, "zimage_queue_depth") >= 1, 30, "her second job waiting behind her first")
+    refused = metric(site.url, "zimage_requests_total", {"outcome": "rejected"}) or 0
     r = alice.post(
         "/gradio_api/queue/join", json={"fn_index": gen, "data": ["one more", "", *SMALL], "session_hash": "a3"}
     )
     assert r.status_code == 429 and f"already have {MAX_JOBS} job(s)" in r.json()["detail"], r.text
-    assert metric(site.server, "zimage_requests_total", {"outcome": "rejected"}) == refused + 1
+    assert metric(site.url, "zimage_requests_total", {"outcome": "rejected"}) == refused + 1
     result: dict = {}
     waiter = threading.Thread(target=lambda: result.update(r=queued(bob, gen, ["bob's turn", "", *SMALL], "bob-q")))
     waiter.start()
-    time.sleep(0.5)
+    wait_until(lambda: metric(site.url, "zimage_queue_depth") >= 2, 30, "bob's job in the queue behind hers")
     assert not result, "bob waits for the GPU like anyone"
     for job in jobs:
         job.cancel()
@@ -414,15 +406,9 @@ def test_handler_errors_are_sentences(site):
 
 
 def test_an_outputs_folder_that_holds_secrets_is_refused_at_start(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "ZIMAGE_AUTH"}
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "app.py"), "--model", "tiny", "--outputs-dir", str(ROOT)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        cwd=tmp_path,
-    )
+    from .support import ROOT
+
+    r = run_python([str(ROOT / "app.py"), "--model", "tiny", "--outputs-dir", str(ROOT)], cwd=tmp_path)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "is the checkout" in r.stderr and "Traceback" not in r.stderr
 
