@@ -66,6 +66,7 @@ class GenerationResult:
     device: str
     job_id: str
     started_at: float = 0.0  # wall clock when the job got the GPU (its date in history and metadata)
+    replica: str = ""  # the replica (GPU worker) that ran it
     paths: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # e.g. "retried with VAE tiling after OOM"
     _saved: Any = None  # concurrent.futures.Future[list[str]] while the PNGs are written

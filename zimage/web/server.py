@@ -311,8 +311,7 @@ class WebServer:
 
     def force_stop(self) -> None:
         self._forced = True
-        job = self.engine.running_job
-        if job is not None:
+        for job in self.engine.running_jobs:
             job.cancel()
         if self._uvicorn is not None:
             self._uvicorn.force_exit = True
