@@ -119,7 +119,7 @@ class Runner:
         import torch
 
         vae = self.pipe.vae
-        lat = latents.to(vae.dtype)
+        lat = latents.to(self.device_for(vae), vae.dtype)  # multi-gpu: the VAE may sit on another GPU
         lat = lat / vae.config.scaling_factor + vae.config.shift_factor
         image = vae.decode(lat, return_dict=False)[0]
         image = (image / 2 + 0.5).clamp(0, 1)
@@ -187,7 +187,7 @@ class Runner:
         # One device: CUDA events. Several, or offload hooks moving weights: synchronise per stage.
         single_stream = cuda and self.model.plan.mode in SINGLE_STREAM_MODES
         timer = StageTimer(exec_dev if single_stream else None)
-        sync = (lambda: torch.cuda.synchronize()) if cuda and not single_stream else (lambda: None)
+        sync = (lambda: _sync_all(self.model.plan)) if cuda and not single_stream else (lambda: None)
         n = req.count
         stage = "text_encoder"
 
@@ -257,6 +257,14 @@ class Runner:
             device=self.model.device_name,
             job_id=job.id,
         )
+
+
+def _sync_all(plan) -> None:
+    """Wait for every GPU the plan uses (multi-gpu spreads the stages over several)."""
+    import torch
+
+    for dev in {d for d in (*plan.placement.values(), plan.execution_device) if d.startswith("cuda")}:
+        torch.cuda.synchronize(dev)
 
 
 def _timings(marks: list[tuple[str, float]]) -> StageTimings:
