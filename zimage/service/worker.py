@@ -109,7 +109,9 @@ class ProcessReplica:
             target=child_main,
             args=(self.name, self.settings, self.visible_devices, child_conn, cancel),
             name=f"zimage-{self.name}",
-            daemon=True,
+            # Not a daemon: a daemonic process may not start processes of its own, and the compiler's
+            # worker pool does. close() ends it; without a parent it reads EOF and exits.
+            daemon=False,
         )
         proc.start()
         child_conn.close()  # the child holds its end: EOF here once it is gone
