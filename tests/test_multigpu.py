@@ -181,3 +181,20 @@ def test_sliced_decode_is_exact_and_tiles_are_said(engine):
     assert (batch.int() - sliced.int()).abs().max() <= 1
     assert notes and "tiles" in notes[0]
     assert not engine.pipe.vae.use_tiling  # only for that decode
+
+
+def test_query_chunked_attention_is_the_attention(tiny_dir):
+    """The decoder's self-attention taken 256 queries at a time gives what the whole does."""
+    from diffusers import AutoencoderKL
+
+    from zimage.model.memory import QueryChunkedAttention, chunk_vae_attention
+
+    plain = AutoencoderKL.from_pretrained(tiny_dir / "vae").eval()
+    chunked = AutoencoderKL.from_pretrained(tiny_dir / "vae").eval()
+    assert chunk_vae_attention(chunked, max_scores_bytes=1) >= 1  # the smallest blocks: 256 queries
+    procs = [m.processor for m in chunked.decoder.modules() if hasattr(m, "processor")]
+    assert procs and all(isinstance(p, QueryChunkedAttention) for p in procs)
+    z = torch.randn(1, plain.config.latent_channels, 48, 48, generator=torch.Generator().manual_seed(2))  # 2304 queries
+    with torch.no_grad():
+        a, b = plain.decode(z).sample, chunked.decode(z).sample
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
