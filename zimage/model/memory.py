@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -503,8 +502,6 @@ def chunk_vae_attention(vae: Any, max_scores_bytes: int = ATTENTION_SCORES_BYTES
     return changed
 
 
-# cuDNN convolution workspace allowed in the streaming modes (MiB), see apply_mode.
-DECODE_WORKSPACE_MIB = 256
 # Bytes of decoder activations per output pixel (bfloat16), from the 1024x1024 decode measured
 # on an H100/H200 (about 2.5 GiB at the peak before lean_vae_decoder); float32 needs twice that.
 DECODE_BYTES_PER_PIXEL = 2.6 * GiB / (1024 * 1024)
@@ -550,12 +547,6 @@ def apply_mode(pipe: Any, plan: MemoryPlan, vae_tiling: bool = False, vae_slicin
     lean_vae_decoder(pipe.vae)
     chunk_vae_attention(pipe.vae)
     exec_dev = plan.execution_device
-    if plan.mode in STREAMING_MODES and plan.execution_device.startswith("cuda"):
-        # A tight card: cap cuDNN's convolution workspace (read at the first convolution, which has
-        # not run yet), so the VAE decode, the peak of such a run, picks a kernel that fits beside
-        # the resident transformer. Same arithmetic, another algorithm. An explicit value stands.
-        os.environ.setdefault("CUDNN_CONV_WSCAP_DBG", str(DECODE_WORKSPACE_MIB))
-        notes.append(f"cuDNN convolution workspace capped at {os.environ['CUDNN_CONV_WSCAP_DBG']} MiB")
     if plan.mode in STREAMING_MODES:
         detach_embeddings(pipe.text_encoder)
         _stream(pipe.text_encoder, exec_dev)
