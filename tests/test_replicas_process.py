@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from .test_server import generate, metric, start_server, submit
+from .support import App, generate, metric, submit, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -23,10 +22,10 @@ LONG = dict(width=256, height=256, steps=50, count=2)  # several seconds on the 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_dir):
-    work = tmp_path_factory.mktemp("replicas")
-    srv = start_server(work, tiny_dir, "--replicas", "2", "--queue-size", "16", timeout=300)
-    yield srv
-    srv.stop()
+    app = App(tmp_path_factory.mktemp("replicas"), tiny_dir, "--replicas", "2", "--queue-size", "16")
+    app.wait_ready(300)
+    yield app
+    app.stop()
 
 
 def _client(server):
@@ -36,28 +35,27 @@ def _client(server):
 
 
 def _wait(cond, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    wait_until(cond, timeout, what, interval=0.05)
+
+
+def _m(server, name: str, labels: dict | None = None):
+    return metric(server.url, name, labels)
 
 
 def _state(server, replica: str, state: str) -> bool:
-    return metric(server, "zimage_replica_state", {"replica": replica, "state": state}) == 1
+    return _m(server, "zimage_replica_state", {"replica": replica, "state": state}) == 1
 
 
 def test_two_replicas_serve_two_jobs_at_once(server):
     assert _state(server, "cpu0", "ready") and _state(server, "cpu1", "ready")
     jobs = [submit(_client(server), **LONG, seed=s) for s in (1, 2)]
-    _wait(lambda: metric(server, "zimage_running_jobs") == 2, 120, "two jobs running at once")
+    _wait(lambda: _m(server, "zimage_running_jobs") == 2, 120, "two jobs running at once")
     for job in jobs:
         job.cancel()
     log = server.log()
     assert "replicas: 2 replica(s) in child processes on cpu, cpu" in log
     # concurrency is one per replica: a third job waits in Gradio's queue, not beside the two
-    assert metric(server, "zimage_running_jobs") <= 2
+    assert _m(server, "zimage_running_jobs") <= 2
 
 
 def test_pixels_from_a_replica_are_the_in_process_ones(server, engine):
@@ -75,10 +73,10 @@ def test_pixels_from_a_replica_are_the_in_process_ones(server, engine):
 def test_a_killed_replica_restarts_alone_and_no_accepted_job_is_lost(server):
     from gradio_client.exceptions import AppError
 
-    _wait(lambda: metric(server, "zimage_running_jobs") == 0, 120, "idle replicas")
+    _wait(lambda: _m(server, "zimage_running_jobs") == 0, 120, "idle replicas")
     victim = submit(_client(server), **LONG, seed=7)
     _wait(lambda: _state(server, "cpu0", "busy"), 60, "cpu0 running the long job")  # the first free one
-    pid = int(metric(server, "zimage_replica_pid", {"replica": "cpu0"}))
+    pid = int(_m(server, "zimage_replica_pid", {"replica": "cpu0"}))
     assert pid != server.proc.pid
     with ThreadPoolExecutor(4) as pool:
         others = [pool.submit(generate, _client(server), width=64, height=64, steps=2, seed=s) for s in range(4)]
@@ -90,14 +88,14 @@ def test_a_killed_replica_restarts_alone_and_no_accepted_job_is_lost(server):
     assert [d["seed"] for _, d in served] == [0, 1, 2, 3]
     assert server.proc.poll() is None  # the server itself never went down
     _wait(lambda: _state(server, "cpu0", "ready"), 180, "cpu0 back after its restart")
-    assert metric(server, "zimage_replica_restarts", {"replica": "cpu0"}) == 1
-    assert metric(server, "zimage_replica_restarts", {"replica": "cpu1"}) == 0
-    new_pid = int(metric(server, "zimage_replica_pid", {"replica": "cpu0"}))
+    assert _m(server, "zimage_replica_restarts", {"replica": "cpu0"}) == 1
+    assert _m(server, "zimage_replica_restarts", {"replica": "cpu1"}) == 0
+    new_pid = int(_m(server, "zimage_replica_pid", {"replica": "cpu0"}))
     assert new_pid != pid
     # the restarted replica serves again: hold cpu1 with a long job, the next one lands on cpu0
-    _wait(lambda: metric(server, "zimage_running_jobs") == 0, 120, "idle replicas")
+    _wait(lambda: _m(server, "zimage_running_jobs") == 0, 120, "idle replicas")
     holder = submit(_client(server), **LONG, seed=8)
-    _wait(lambda: metric(server, "zimage_running_jobs") == 1, 60, "one job running")
+    _wait(lambda: _m(server, "zimage_running_jobs") == 1, 60, "one job running")
     busy = "cpu0" if _state(server, "cpu0", "busy") else "cpu1"
     _, details = generate(_client(server), width=64, height=64, steps=2, seed=9)
     assert details["replica"] != busy
