@@ -23,8 +23,8 @@ def main() -> int:
     from diffusers import AutoencoderKL
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from zimage.model.decode import chunk_vae_attention, lean_vae_decoder
     from zimage.model.fullsize import CONFIGS, vae_config
-    from zimage.model.memory import chunk_vae_attention, lean_vae_decoder
 
     p = argparse.ArgumentParser()
     p.add_argument("--size", type=int, default=1024)

@@ -143,7 +143,7 @@ def test_lean_decoder_decodes_the_same_pixels(engine, tiny_dir):
     """In-place activations in the VAE decoder (applied at load) change no value."""
     from diffusers import AutoencoderKL
 
-    from zimage.model.memory import lean_vae_decoder
+    from zimage.model.decode import lean_vae_decoder
 
     lean = engine.pipe.vae
     plain = AutoencoderKL.from_pretrained(tiny_dir / "vae").eval()
@@ -157,7 +157,7 @@ def test_lean_decoder_decodes_the_same_pixels(engine, tiny_dir):
 
 
 def test_decode_strategy_from_free_memory():
-    from zimage.model.memory import decode_strategy
+    from zimage.model.decode import decode_strategy
 
     one = int(2.6 * GiB)  # a 1024x1024 bfloat16 decode
     assert decode_strategy(4, 1024, 1024, 2, None) == "batch"  # CPU: no limit
@@ -187,7 +187,7 @@ def test_query_chunked_attention_is_the_attention(tiny_dir):
     """The decoder's self-attention taken 256 queries at a time gives what the whole does."""
     from diffusers import AutoencoderKL
 
-    from zimage.model.memory import QueryChunkedAttention, chunk_vae_attention
+    from zimage.model.decode import QueryChunkedAttention, chunk_vae_attention
 
     plain = AutoencoderKL.from_pretrained(tiny_dir / "vae").eval()
     chunked = AutoencoderKL.from_pretrained(tiny_dir / "vae").eval()

@@ -18,16 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 from zimage.errors import Cancelled, OutOfMemory
-from zimage.model.memory import (
-    HOOKED_MODES,
-    SINGLE_STREAM_MODES,
-    available_for_decode,
-    decode_strategy,
-    downgrade,
-    free_memory,
-    host_embedding,
-    is_oom,
-)
+from zimage.model.decode import available_for_decode, decode_strategy
+from zimage.model.memory import HOOKED_MODES, SINGLE_STREAM_MODES, downgrade, free_memory, host_embedding, is_oom
 from zimage.model.pipeline import LoadedModel
 from zimage.ops.metrics import EngineMetrics
 from zimage.ops.profiler import StageTimer
