@@ -168,6 +168,24 @@ class Settings:
         group="memory",
     )
 
+    # --- several GPUs ---------------------------------------------------------------------
+    replicas: str = opt(
+        "auto",
+        "Pipelines serving one shared queue, one per GPU: auto (one per selected GPU when the model fits on "
+        "each of two or more, else one), or a number. Several replicas run in child processes, one per GPU.",
+        group="gpus",
+    )
+    gpus: str = opt("", "Comma-separated GPU indices to use, e.g. 0,1 (empty = every visible GPU).", group="gpus")
+    load_aware_queue: int = opt(
+        0,
+        "Load-aware steps: when more than this many jobs wait, new jobs run with fewer steps "
+        "(load_aware_min_steps); the page, the PNG and /metrics say so (0 = off).",
+        group="gpus",
+    )
+    load_aware_min_steps: int = opt(
+        4, "Load-aware steps: the fewest steps a job is reduced to when the queue is long.", group="gpus"
+    )
+
     # --- request limits and defaults --------------------------------------------------
     min_size: int = opt(256, "Smallest width/height in pixels (multiple of 16).", group="limits")
     max_size: int = opt(2048, "Largest width/height in pixels (multiple of 16).", group="limits")
@@ -341,6 +359,7 @@ def _check(s: Settings) -> Settings:
     for entry in s.auth:
         parse_user(entry, "--auth")
     _check_access(s)
+    _check_gpus(s)
     return s
 
 
@@ -354,6 +373,42 @@ def _check_access(s: Settings) -> None:
             raise SettingsError(f"Setting '{name}' must be 0 (no limit) or more (got {getattr(s, name)}).")
     if not 0.0 <= s.login_max_delay_s <= 86400.0:  # also refuses NaN
         raise SettingsError(f"Setting 'login_max_delay_s' must be within 0..86400 seconds (got {s.login_max_delay_s}).")
+
+
+def _check_gpus(s: Settings) -> None:
+    if s.replicas != "auto" and not (s.replicas.isdigit() and int(s.replicas) >= 1):
+        raise SettingsError(f"Setting 'replicas' must be auto or a whole number of at least 1 (got {s.replicas!r}).")
+    indices = parse_gpus(s.gpus)
+    if len(set(indices)) != len(indices):
+        raise SettingsError(f"Setting 'gpus' names a GPU twice (got {s.gpus!r}); list each index once, e.g. 0,1.")
+    if s.replicas != "auto" and indices and int(s.replicas) > len(indices):
+        raise SettingsError(
+            f"Setting 'replicas' is {s.replicas} but 'gpus' selects only {len(indices)} GPU(s) ({s.gpus}); "
+            "one replica needs a GPU of its own."
+        )
+    if indices and s.device.startswith("cuda:"):
+        raise SettingsError(f"Settings 'gpus' ({s.gpus}) and 'device' ({s.device}) both pick GPUs; set only one.")
+    if s.replicas not in ("auto", "1") and s.memory_mode == "multi-gpu":
+        raise SettingsError(
+            f"Setting 'replicas' is {s.replicas} but memory_mode multi-gpu splits one pipeline over the GPUs; "
+            "use one or the other."
+        )
+    if s.load_aware_queue < 0:
+        raise SettingsError(f"Setting 'load_aware_queue' must be 0 (off) or more (got {s.load_aware_queue}).")
+    if not 1 <= s.load_aware_min_steps <= s.max_steps:
+        raise SettingsError(
+            f"Setting 'load_aware_min_steps' must be within 1..max_steps (got {s.load_aware_min_steps})."
+        )
+
+
+def parse_gpus(text: str) -> list[int]:
+    """'0,1' -> [0, 1]; SettingsError names what is wrong."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if not part.isdigit():
+            raise SettingsError(f"Setting 'gpus' must be GPU indices separated by commas, e.g. 0,1 (got {text!r}).")
+        out.append(int(part))
+    return out
 
 
 def parse_user(entry: str, where: str) -> tuple[str, str]:

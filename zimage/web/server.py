@@ -171,6 +171,7 @@ class WebServer:
         self.engine = Engine(settings)
         self.ops = Operations(self.engine, settings, self.request_exit)
         self.blocks = build_ui(self.engine, self.ops, settings)
+        self.engine.waiting_elsewhere = self._waiting_in_gradio  # load-aware steps count these too
         self.exit_code = 0
         self.draining = threading.Event()
         self.share_url: str | None = None
@@ -382,8 +383,7 @@ class WebServer:
 
     def force_stop(self) -> None:
         self._forced = True
-        job = self.engine.running_job
-        if job is not None:
+        for job in self.engine.running_jobs:
             job.cancel()
         if self._uvicorn is not None:
             self._uvicorn.force_exit = True
