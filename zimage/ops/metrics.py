@@ -49,6 +49,7 @@ class EngineMetrics:
         self.replica_restarts = Gauge(
             "zimage_replica_restarts", "Times each replica was restarted alone.", ["replica"], registry=r
         )
+        self.replica_pid = Gauge("zimage_replica_pid", "Process id of each replica.", ["replica"], registry=r)
         self.replica_last_run = Gauge(
             "zimage_replica_last_run_seconds", "Seconds of each replica's last run.", ["replica"], registry=r
         )
@@ -73,6 +74,8 @@ class EngineMetrics:
             for state in STATES:
                 self.replica_state.labels(name, state).set(1 if row.get("state") == state else 0)
             self.replica_restarts.labels(name).set(row.get("restarts") or 0)
+            if row.get("pid"):
+                self.replica_pid.labels(name).set(row["pid"])
             last = row.get("last_run") or {}
             if last.get("seconds") is not None:
                 self.replica_last_run.labels(name).set(last["seconds"])

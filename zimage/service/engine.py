@@ -56,6 +56,8 @@ class Engine:
         else:
             self.replica_plan = plan_replicas(settings)
             self.pool = ReplicaPool()
+        # Jobs waiting in front of the engine (the web server sets it to Gradio's queue length).
+        self.waiting_elsewhere: Callable[[], int] = lambda: 0
         self._ready = threading.Event()
         self._loading: threading.Thread | None = None
         self._loading_lock = threading.Lock()
@@ -208,8 +210,13 @@ class Engine:
             req = validate(request, self.limits)
             self._admit(wait_ready)
             req = replace(req, seed=resolve_seed(req.seed))
+            req, reduced = self._load_aware(req)
             job.total = req.steps
             result = self.pool.run(req, job, progress)
+            if reduced:
+                result.steps_asked = request.steps
+                result.notes.append(reduced)
+                self.metrics.load_aware.inc()
             queue_wait = max(0.0, job.started - t_request)
             result.timings.queue_wait = queue_wait
             result.started_at = job.started
@@ -232,6 +239,29 @@ class Engine:
         self.recent.add(result.summary())
         self._notify(result, None)
         return result
+
+    def queue_length(self) -> int:
+        """Jobs waiting: in the pool and in front of it (Gradio's queue)."""
+        try:
+            elsewhere = int(self.waiting_elsewhere())
+        except Exception:  # noqa: BLE001 - a reading must never fail a request
+            elsewhere = 0
+        return self.pool.waiting + elsewhere
+
+    def _load_aware(self, req: GenerationRequest) -> tuple[GenerationRequest, str | None]:
+        """Load-aware steps (opt-in): with more than load_aware_queue jobs waiting, run this one with
+        load_aware_min_steps; returns the request to run and the note that says so (or None)."""
+        s = self.settings
+        if s.load_aware_queue <= 0 or req.steps <= s.load_aware_min_steps:
+            return req, None
+        waiting = self.queue_length()
+        if waiting <= s.load_aware_queue:
+            return req, None
+        note = (
+            f"Load-aware steps: ran {s.load_aware_min_steps} steps instead of {req.steps} because {waiting} jobs "
+            f"were waiting (more than {s.load_aware_queue}); ask again when it is quieter for the full quality."
+        )
+        return replace(req, steps=s.load_aware_min_steps), note
 
     def _admit(self, wait_ready: float | None) -> None:
         """Refuse at once while shutting down; wait (up to wait_ready) while the model loads."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -264,6 +265,10 @@ class LocalReplica:
     """One pipeline in this process. With one GPU (the default) it is the only replica, and it
     costs nothing over calling the runner directly: no thread, no process, no copy."""
 
+    # Loading patches torch globally for a moment (accelerate's init_empty_weights makes every
+    # new parameter a meta tensor): two replicas of one process load one after the other.
+    _loading = threading.Lock()
+
     def __init__(self, name: str, settings: Settings, metrics: Any, timeline: Any):
         self.name = name
         self.settings = settings
@@ -286,7 +291,8 @@ class LocalReplica:
 
         self._state = LOADING
         try:
-            self.model = load_model(self.settings, self.timeline)
+            with LocalReplica._loading:
+                self.model = load_model(self.settings, self.timeline)
             self.runner = Runner(self.model, self.metrics, self.settings.real_length_prompt)
             if self.settings.warmup:
                 stage = self.timeline.begin("warm-up")
@@ -339,6 +345,7 @@ class LocalReplica:
             "name": self.name,
             "state": self._state,
             "kind": "local",
+            "pid": os.getpid(),
             "device": m.device if m else self.settings.device,
             "device_name": m.device_name if m else "",
             "memory_mode": str(m.plan.mode) if m else None,

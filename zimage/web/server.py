@@ -110,6 +110,7 @@ class WebServer:
         self.engine = Engine(settings)
         self.ops = Operations(self.engine, settings, self.request_exit)
         self.blocks = build_ui(self.engine, self.ops, settings)
+        self.engine.waiting_elsewhere = self._waiting_in_gradio  # load-aware steps count these too
         self.exit_code = 0
         self.draining = threading.Event()
         self.share_url: str | None = None
