@@ -100,7 +100,11 @@ class ZImageReplica:
         if self.broken:
             raise RuntimeError(f"replica {self.name} is unusable: {self.broken}")
 
-    def status(self) -> dict[str, Any]:
+    async def status(self, hold_s: float = 0.0) -> dict[str, Any]:
+        """Who this replica is. hold_s keeps the request open a moment: N calls at once then reach
+        N different replicas (each takes one request at a time), so the studio learns them all."""
+        if hold_s > 0:
+            await asyncio.sleep(hold_s)
         return {**self.replica.status(), **self.identity, "kind": "ray"}
 
     async def generate(self, request: GenerationRequest, job_id: str):

@@ -21,6 +21,7 @@ default never imports it.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 CANCEL_POLL_S = 0.05  # how often the cancel watcher looks at the jobs in flight
 STATUS_EVERY_S = 2.0  # how often status() asks Serve for the replica states (the panel ticks each second)
 MAX_TRIES = 2  # a job whose replica died runs once more on another replica
+LEARN_HOLD_S = 0.3  # how long each "who are you" call at start holds its replica
 CLOSE_TIMEOUT_S = 30.0  # deleting the deployment at shutdown: Ray's own calls have no timeout
 
 
@@ -180,6 +182,9 @@ class RayPool:
 
     def start(self) -> None:
         """Connect to the cluster and run the deployment; returns once its replicas are loaded."""
+        # Before Ray is imported (it reads this at import): Ray's C++ failure handler would take
+        # SIGTERM as a crash and abort the process 3 s later, cutting the graceful drain short.
+        os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
         from zimage.service import ray_replica
 
         stage = self._begin("connect to Ray")
@@ -207,22 +212,25 @@ class RayPool:
             self._closed.set()
             poll.join()
             self._closed.clear()
-        self._learn_first()
+        self._learn_replicas()
         self._end(stage, self._replica_text())
         self._watcher = threading.Thread(target=self._watch_cancels, name="ray-cancel", daemon=True)
         self._watcher.start()
         log.info("Ray Serve: %s", self._replica_text())
 
-    def _learn_first(self) -> None:
-        """Ask one replica who it is (device, memory mode, load time): the page shows "the" model."""
-        try:
-            row = self.handle.status.remote().result(timeout_s=60)
-        except Exception as exc:  # noqa: BLE001 - only for the panel; the first job tells us too
-            log.warning("Ray Serve: could not ask a replica for its status (%s)", _first_line(exc))
-            return
-        with self._lock:
-            name = row.get("name", "ray")
-            self._seen.setdefault(name, _Seen(_identity(row), memory_mode=row.get("memory_mode"), seen=time.time()))
+    def _learn_replicas(self) -> None:
+        """Ask every replica who it is (device, memory mode, load time, pid): the panel and /metrics
+        list them before their first job. Each call holds its replica a moment, so Serve, which gives
+        a replica one request at a time, sends each call to a different one."""
+        calls = [self.handle.status.remote(LEARN_HOLD_S) for _ in range(self.min_replicas)]
+        for call in calls:
+            try:
+                row = call.result(timeout_s=60)
+            except Exception as exc:  # noqa: BLE001 - only for the panel; a replica's first job tells us too
+                log.warning("Ray Serve: could not ask a replica who it is (%s)", _first_line(exc))
+                continue
+            with self._lock:
+                self._seen.setdefault(row.get("name", "ray"), _Seen(_identity(row), memory_mode=row.get("memory_mode")))
 
     def _connect(self) -> Any:
         import ray
@@ -469,7 +477,7 @@ class RayPool:
         loading = sum(n for st, n in states.items() if st != "RUNNING")
         rows = []
         with self._lock:
-            for name in alive:
+            for name in sorted(alive, key=lambda n: n not in self._seen):  # known ones first
                 seen = self._seen.get(name)
                 if seen is None:
                     state = "loading" if loading > 0 else "ready"
