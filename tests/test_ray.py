@@ -208,25 +208,26 @@ class RayHead:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> None:
-        """SIGTERM to `ray start` (it stops what it started), then SIGKILL to whatever of its
-        process tree is left: Ray's workers run in sessions of their own, so its group is not enough."""
+        """End `ray start` and its whole process tree (Ray's workers run in sessions of their own,
+        so its process group is not enough)."""
         import psutil
 
         try:
             tree = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             tree = []
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        for p in tree:
+        # The studio deleted its deployment already; nothing here needs a graceful stop (which
+        # drains the node for up to 30 s): terminate the tree, and kill what does not go at once.
+        procs = [psutil.Process(self.proc.pid), *tree] if self.proc.poll() is None else tree
+        for p in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.terminate()
+        _, left = psutil.wait_procs(procs, timeout=5)
+        for p in left:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
-        psutil.wait_procs(tree, timeout=10)
+        psutil.wait_procs(left, timeout=10)
+        self.proc.wait(10)
         shutil.rmtree(self.temp, ignore_errors=True)
 
 
