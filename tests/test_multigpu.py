@@ -134,3 +134,67 @@ def test_decode_runs_on_the_vaes_device(fresh_engine):
     channels = fresh_engine.pipe.transformer.config.in_channels
     pixels = fresh_engine.runner.decode(torch.randn(1, channels, 16, 16))
     assert pixels.device == META and pixels.dtype == torch.uint8 and pixels.shape[-1] == 3
+
+
+# --- the decode: the peak of a balanced run ---------------------------------------------------
+
+
+def test_lean_decoder_decodes_the_same_pixels(engine, tiny_dir):
+    """In-place activations in the VAE decoder (applied at load) change no value."""
+    from diffusers import AutoencoderKL
+
+    from zimage.model.memory import lean_vae_decoder
+
+    lean = engine.pipe.vae
+    plain = AutoencoderKL.from_pretrained(tiny_dir / "vae").eval()
+    assert lean_vae_decoder(plain) > 0 and lean_vae_decoder(plain) > 0  # idempotent, and it found them
+    plain = AutoencoderKL.from_pretrained(tiny_dir / "vae").eval()  # untouched
+    silu = [m for m in lean.decoder.modules() if isinstance(m, torch.nn.SiLU)]
+    assert silu and all(m.inplace for m in silu)
+    z = torch.randn(2, lean.config.latent_channels, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(lean.decode(z).sample, plain.decode(z).sample)
+
+
+def test_decode_strategy_from_free_memory():
+    from zimage.model.memory import decode_strategy
+
+    one = int(2.6 * GiB)  # a 1024x1024 bfloat16 decode
+    assert decode_strategy(4, 1024, 1024, 2, None) == "batch"  # CPU: no limit
+    assert decode_strategy(4, 1024, 1024, 2, 5 * one) == "batch"
+    assert decode_strategy(4, 1024, 1024, 2, 2 * one) == "slices"  # one image at a time: exact
+    assert decode_strategy(1, 1024, 1024, 2, one // 2) == "tiles"  # not even one image: tiles
+    assert decode_strategy(1, 1024, 1024, 4, int(1.5 * one)) == "tiles"  # float32 needs twice
+    assert decode_strategy(1, 512, 512, 2, one // 2) == "batch"
+
+
+def test_sliced_decode_is_exact_and_tiles_are_said(engine):
+    runner = engine.runner
+    channels = engine.pipe.transformer.config.in_channels
+    z = torch.randn(3, channels, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        batch = runner.decode(z, how="batch")
+        sliced = runner.decode(z, how="slices")
+        notes: list[str] = []
+        runner.decode(z, notes, how="tiles")
+    # each image decoded alone: the same as in the batch up to the kernels' rounding (as for seeds s+i)
+    assert (batch.int() - sliced.int()).abs().max() <= 1
+    assert notes and "tiles" in notes[0]
+    assert not engine.pipe.vae.use_tiling  # only for that decode
+
+
+def test_query_chunked_attention_is_the_attention(tiny_dir):
+    """The decoder's self-attention taken 256 queries at a time gives what the whole does."""
+    from diffusers import AutoencoderKL
+
+    from zimage.model.memory import QueryChunkedAttention, chunk_vae_attention
+
+    plain = AutoencoderKL.from_pretrained(tiny_dir / "vae").eval()
+    chunked = AutoencoderKL.from_pretrained(tiny_dir / "vae").eval()
+    assert chunk_vae_attention(chunked, max_scores_bytes=1) >= 1  # the smallest blocks: 256 queries
+    procs = [m.processor for m in chunked.decoder.modules() if hasattr(m, "processor")]
+    assert procs and all(isinstance(p, QueryChunkedAttention) for p in procs)
+    z = torch.randn(1, plain.config.latent_channels, 48, 48, generator=torch.Generator().manual_seed(2))  # 2304 queries
+    with torch.no_grad():
+        a, b = plain.decode(z).sample, chunked.decode(z).sample
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()

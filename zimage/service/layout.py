@@ -192,5 +192,5 @@ def build_replicas(settings: Settings, plan: ReplicaPlan, metrics: Any, timeline
         caps = parse_max_memory(settings.gpu_max_memory)
         cap = f"0={caps[index]}" if index in caps else ""  # the child sees its GPU as cuda:0
         child = settings.replace(device="cuda:0", gpus="", replicas="1", gpu_max_memory=cap)
-        replicas.append(ProcessReplica(f"gpu{index}", child, physical, on_change))
+        replicas.append(ProcessReplica(f"gpu{index}", child, physical, on_change, device=device))
     return replicas

@@ -60,10 +60,13 @@ class ProcessReplica:
         visible_devices: str | None,
         on_change: Any = None,
         max_restarts: int = 5,
+        device: str | None = None,
     ):
         """settings: what the child loads with (device "cuda:0" of its own view, or "cpu");
-        visible_devices: the CUDA_VISIBLE_DEVICES the child gets (None: unchanged)."""
+        visible_devices: the CUDA_VISIBLE_DEVICES the child gets (None: unchanged);
+        device: its device as this process numbers them ("cuda:1"), for status and logs."""
         self.name = name
+        self.device = device or settings.device
         self.settings = settings
         self.visible_devices = visible_devices
         self.on_change = on_change
@@ -109,7 +112,9 @@ class ProcessReplica:
             target=child_main,
             args=(self.name, self.settings, self.visible_devices, child_conn, cancel),
             name=f"zimage-{self.name}",
-            daemon=True,
+            # Not a daemon: a daemonic process may not start processes of its own, and the compiler's
+            # worker pool does. close() ends it; without a parent it reads EOF and exits.
+            daemon=False,
         )
         proc.start()
         child_conn.close()  # the child holds its end: EOF here once it is gone
@@ -149,7 +154,7 @@ class ProcessReplica:
             self._set_state(FAILED)
             raise
         self.started_s = time.perf_counter() - t0
-        log.info("replica %s ready in %.1fs (pid %s, %s)", self.name, self.started_s, self.pid, self.info.get("device"))
+        log.info("replica %s ready in %.1fs (pid %s, %s)", self.name, self.started_s, self.pid, self.device)
         self._set_state(READY)
 
     def _await_ready(self) -> None:
@@ -327,7 +332,7 @@ class ProcessReplica:
             "state": self._state,
             "kind": "process",
             "pid": self.pid,
-            "device": info.get("device", self.settings.device),
+            "device": self.device,
             "gpu": self.visible_devices,
             "device_name": info.get("device_name", ""),
             "memory_mode": info.get("memory_mode"),
