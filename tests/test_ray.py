@@ -120,6 +120,9 @@ def test_ray_replica_settings():
         from_sources(cli={"ray": "auto", "ray_max_replicas": "0"}, environ={})
     with pytest.raises(SettingsError, match="each Ray replica has one GPU"):
         from_sources(cli={"ray": "auto", "memory_mode": "multi-gpu"}, environ={})
+    for local in ({"replicas": "2"}, {"gpus": "0,1"}):
+        with pytest.raises(SettingsError, match="use --ray-replicas instead"):
+            from_sources(cli={"ray": "auto", **local}, environ={})
 
 
 def test_ray_pool_plans_from_the_settings(make_settings):
@@ -301,10 +304,7 @@ def test_two_ray_replicas_share_the_jobs(ray_server):
     for (gallery, details), i in zip(results, range(2)):
         assert len(gallery) == LONG["count"] and details["seeds"][0] == 10 + i
         assert details["device"] == "CPU" and Path(ray_server.outputs, details["files"][0]).is_file()
-    log = ray_server.log()
-    ran_on = {
-        line.split("runs on Ray replica ")[1].split()[0] for line in log.splitlines() if "runs on Ray replica" in line
-    }
+    ran_on = {details["replica"] for _, details in results}
     assert ran_on == set(rows), (ran_on, rows)  # both replicas took one: the two jobs ran side by side
     assert metric(ray_server, "zimage_requests_total", {"outcome": "ok"}) == 2
 

@@ -417,6 +417,11 @@ def _check_ray(s: Settings) -> None:
             "Settings 'ray' and memory_mode multi-gpu do not go together: each Ray replica has one GPU. "
             "Leave memory_mode at auto."
         )
+    if s.replicas != "auto" or s.gpus:
+        raise SettingsError(
+            "Settings 'replicas' and 'gpus' choose local GPUs; with 'ray' Ray places the replicas on the "
+            "cluster's GPUs: use --ray-replicas instead (and CUDA_VISIBLE_DEVICES on `ray start` to hide GPUs)."
+        )
     import importlib.util
 
     if importlib.util.find_spec("ray") is None:
