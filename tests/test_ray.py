@@ -25,9 +25,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_server import free_port, metric, start_server, submit
+from .support import App, free_port, metric, run_python, submit, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
+# Ray turns token authentication on when ~/.ray/auth_token exists (a `ray.init()` of its own writes
+# one): the head and the studio here agree on "off", whatever this machine has seen before.
+RAY_ENV = {"RAY_AUTH_MODE": "disabled"}
 RAY = Path(sys.executable).with_name("ray")
 
 # A job of a second or more on a busy CPU (killed under it, it must be retried), and a long one (cancelled).
@@ -157,8 +160,7 @@ def test_the_default_path_never_imports_ray(tmp_path):
             "print('RAY' if any(m == 'ray' or m.startswith('ray.') for m in sys.modules) else 'NO RAY')",
         ]
     )
-    env = dict(os.environ, GRADIO_TEMP_DIR=str(tmp_path / "gradio"), HF_HUB_OFFLINE="1")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    r = run_python(["-c", code], cwd=tmp_path, env={"GRADIO_TEMP_DIR": str(tmp_path / "gradio")})
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == "NO RAY"
 
@@ -192,7 +194,7 @@ class RayHead:
             f"--temp-dir={self.temp}",
             "--disable-usage-stats",
         ]
-        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", **RAY_ENV)
         self.log_path = self.temp / "head.log"
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -244,12 +246,15 @@ def ray_head():
 
 @pytest.fixture(scope="module")
 def ray_server(ray_head, tmp_path_factory, tiny_dir):
-    work = tmp_path_factory.mktemp("ray-server")
-    t0 = time.monotonic()
-    srv = start_server(work, tiny_dir, "--ray", ray_head.address, "--ray-replicas", "2", timeout=240)
-    srv.ready_s = time.monotonic() - t0
-    yield srv
-    srv.stop()
+    with pytest.MonkeyPatch.context() as mp:  # App passes the environment on to the studio
+        for k, v in RAY_ENV.items():
+            mp.setenv(k, v)
+        app = App(tmp_path_factory.mktemp("ray-server"), tiny_dir, "--ray", ray_head.address, "--ray-replicas", "2")
+    try:
+        yield app.wait_ready(timeout=240)
+    finally:
+        if app.proc.poll() is None:
+            app.stop()
 
 
 def replicas(server) -> dict[str, dict[str, float]]:
@@ -258,7 +263,7 @@ def replicas(server) -> dict[str, dict[str, float]]:
     from prometheus_client.parser import text_string_to_metric_families
 
     rows: dict[str, dict] = {}
-    for family in text_string_to_metric_families(httpx.get(server.url + "/metrics", timeout=10).text):
+    for family in text_string_to_metric_families(httpx.get(server.base + "/metrics", timeout=10).text):
         for s in family.samples:
             name = s.labels.get("replica")
             if s.name == "zimage_replica_state" and s.value == 1:
@@ -271,17 +276,7 @@ def replicas(server) -> dict[str, dict[str, float]]:
 def new_client(server):
     from gradio_client import Client
 
-    return Client(server.url, verbose=False)
-
-
-def wait_for(predicate, timeout: float, what: str, every: float = 0.1):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    return Client(server.base, verbose=False)
 
 
 def alive(pid: int) -> bool:
@@ -294,7 +289,7 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.slow
 def test_two_ray_replicas_share_the_jobs(ray_server):
-    rows = wait_for(lambda: (r := replicas(ray_server)) and len(r) == 2 and r, 30, "two replicas on /metrics")
+    rows = wait_until(lambda: (r := replicas(ray_server)) and len(r) == 2 and r, 30, "two replicas on /metrics")
     assert all(name.startswith("ray-") and row["state"] == "ready" for name, row in rows.items()), rows
     assert all(row.get("pid") for row in rows.values()), rows  # each was asked who it is at start
     ready = ray_server.observed[-1][3]
@@ -306,17 +301,17 @@ def test_two_ray_replicas_share_the_jobs(ray_server):
         assert details["device"] == "CPU" and Path(ray_server.outputs, details["files"][0]).is_file()
     ran_on = {details["replica"] for _, details in results}
     assert ran_on == set(rows), (ran_on, rows)  # both replicas took one: the two jobs ran side by side
-    assert metric(ray_server, "zimage_requests_total", {"outcome": "ok"}) == 2
+    assert metric(ray_server.base, "zimage_requests_total", {"outcome": "ok"}) == 2
 
 
 @pytest.mark.slow
 def test_cancel_reaches_the_ray_replica(ray_server):
     job = submit(new_client(ray_server), seed=20, **HUGE)
-    wait_for(lambda: any(r["state"] == "busy" for r in replicas(ray_server).values()), 60, "the job to start")
+    wait_until(lambda: any(r["state"] == "busy" for r in replicas(ray_server).values()), 60, "the job to start")
     t0 = time.monotonic()
     job.cancel()
-    wait_for(lambda: "outcome=cancelled" in ray_server.log(), 30, "the cancelled request's log line")
-    wait_for(lambda: all(r["state"] == "ready" for r in replicas(ray_server).values()), 30, "the replica to be free")
+    wait_until(lambda: "outcome=cancelled" in ray_server.log(), 30, "the cancelled request's log line")
+    wait_until(lambda: all(r["state"] == "ready" for r in replicas(ray_server).values()), 30, "the replica to be free")
     assert time.monotonic() - t0 < 30
     assert "seed=20 outcome=ok" not in ray_server.log()
 
@@ -325,7 +320,7 @@ def test_cancel_reaches_the_ray_replica(ray_server):
 def test_a_killed_replica_is_replaced_and_its_job_runs_elsewhere(ray_server):
     before = replicas(ray_server)
     job = submit(new_client(ray_server), seed=30, **LONG)
-    busy = wait_for(
+    busy = wait_until(
         lambda: [(n, r["pid"]) for n, r in replicas(ray_server).items() if r["state"] == "busy"],
         60,
         "the job to start on a replica",
@@ -341,7 +336,7 @@ def test_a_killed_replica_is_replaced_and_its_job_runs_elsewhere(ray_server):
     assert f"replica {victim} died under it" in log and "seed=30 outcome=ok" in log
 
     # Serve replaces the dead replica: two replicas again, a new one among them
-    rows = wait_for(
+    rows = wait_until(
         lambda: (
             (r := replicas(ray_server))
             and len(r) == 2
@@ -365,4 +360,4 @@ def test_stopping_the_studio_stops_its_replicas(ray_server):
     assert len(pids) == 2
     assert ray_server.stop() == 0
     assert "Ray Serve: the zimage replicas are stopped" in ray_server.log()
-    wait_for(lambda: not any(alive(p) for p in pids), 30, "the replica processes to end")
+    wait_until(lambda: not any(alive(p) for p in pids), 30, "the replica processes to end")

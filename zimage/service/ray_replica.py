@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -83,7 +84,10 @@ class ZImageReplica:
             memory_reason=m.plan.reason,
             notes=list(m.notes),
         )
-        self.broken: str | None = None
+        self.broken: str | None = None  # why this replica must go (check_health tells Serve)
+        self._watch_bytes = int(max(0.0, settings.watchdog_reserved_gib) * (1 << 30))
+        self._reserved: deque[int | None] = deque(maxlen=max(settings.watchdog_strikes, 8))
+        self._strikes = settings.watchdog_strikes
         self._gpu = ThreadPoolExecutor(1, thread_name_prefix="zimage-gpu")  # the pipeline is not thread-safe
         log.info(
             "%s ready in %.1fs (pid %d on %s, %s)",
@@ -108,8 +112,11 @@ class ZImageReplica:
         return {**self.replica.status(), **self.identity, "kind": "ray"}
 
     async def generate(self, request: GenerationRequest, job_id: str):
+        from zimage.errors import ReplicaFailed
         from zimage.service.jobs import Job
 
+        if self.broken:  # Serve replaces it at its next health check; the studio runs the job elsewhere
+            raise ReplicaFailed(f"replica {self.name} is being replaced ({self.broken})")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         job = Job(id=job_id)
@@ -144,7 +151,7 @@ class ZImageReplica:
         from zimage.model.memory import is_unrecoverable_cuda
 
         try:
-            return self.replica.run(request, job, progress)
+            result = self.replica.run(request, job, progress)
         except Exception as exc:
             if not is_unrecoverable_cuda(exc):
                 raise
@@ -153,6 +160,15 @@ class ZImageReplica:
             log.error("%s: unrecoverable CUDA error; Serve will replace this replica: %s", self.name, exc)
             # the studio runs the job again on another replica; check_health has Serve replace this one
             raise ReplicaFailed(f"the GPU of replica {self.name} hit an unrecoverable CUDA error") from None
+        if self._watch_bytes > 0:  # the memory watchdog, per replica: a fresh replica gets fragmented VRAM back
+            from zimage.ops.watchdog import cuda_reserved_bytes, decide
+
+            self._reserved.append(cuda_reserved_bytes(self._watch_bytes))
+            verdict = decide(self._reserved, self._watch_bytes, self._strikes)
+            if verdict.exit:
+                self.broken = f"watchdog: {verdict.reason}"
+                log.warning("%s: %s; Serve will replace this replica", self.name, verdict.reason)
+        return result
 
     def _payload(self, result: Any) -> dict[str, Any]:
         import numpy as np

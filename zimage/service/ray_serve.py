@@ -90,6 +90,15 @@ def explain(exc: BaseException, address: str = "") -> BaseException:
     return exc
 
 
+def _chain_text(exc: BaseException) -> str:
+    parts, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        parts.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    return " ".join(parts)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
@@ -243,6 +252,11 @@ class RayPool:
             else:
                 ray.init(address=self.address, **kw)
         except ConnectionError as exc:
+            if "token" in _chain_text(exc).lower():
+                raise ZImageError(
+                    f"The Ray cluster at {self.address} asks for its authentication token: start the studio with "
+                    "RAY_AUTH_MODE=token and the cluster's token in ~/.ray/auth_token (or RAY_AUTH_TOKEN)."
+                ) from None
             if self.address == "auto":
                 raise ZImageError(
                     "Setting 'ray' is auto but no Ray cluster runs on this box: start one with `ray start --head` "
