@@ -324,7 +324,7 @@ def test_a_killed_replica_is_replaced_and_its_job_runs_elsewhere(ray_server):
         lambda: [(n, r["pid"]) for n, r in replicas(ray_server).items() if r["state"] == "busy"],
         60,
         "the job to start on a replica",
-        every=0.02,
+        interval=0.02,
     )
     ((victim, pid),) = busy
     os.kill(pid, signal.SIGKILL)  # the replica's Ray worker process, as a crash or the OOM killer would
@@ -346,7 +346,7 @@ def test_a_killed_replica_is_replaced_and_its_job_runs_elsewhere(ray_server):
         ),
         150,
         "Serve to replace the killed replica",
-        every=0.5,
+        interval=0.5,
     )
     assert set(rows) - set(before), (rows, before)
     assert not alive(pid)

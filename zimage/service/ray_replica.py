@@ -70,6 +70,7 @@ class ZImageReplica:
             "name": self.name,
             "pid": os.getpid(),
             "node": ray.util.get_node_ip_address(),
+            "node_id": ray.get_runtime_context().get_node_id()[:12],  # two nodes may share an address
             "gpu": ",".join(str(g) for g in ray.get_gpu_ids()) or None,
         }
         self.replica = LocalReplica(self.name, settings, EngineMetrics(), LoadTimeline())

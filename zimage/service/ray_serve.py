@@ -402,7 +402,12 @@ class RayPool:
         job.replica = name
         job.started = time.time()
         log.info(
-            "job %s runs on Ray replica %s (pid %s on %s)", job.id, name, identity.get("pid"), identity.get("node")
+            "job %s runs on Ray replica %s (pid %s on node %s %s)",
+            job.id,
+            name,
+            identity.get("pid"),
+            identity.get("node"),
+            identity.get("node_id"),
         )
         return seen
 
@@ -583,7 +588,7 @@ class RayPool:
 
 
 def _identity(row: dict[str, Any]) -> dict[str, Any]:
-    keys = ("name", "pid", "node", "gpu", "start_s", "device", "device_name", "memory_reason", "notes")
+    keys = ("name", "pid", "node", "node_id", "gpu", "start_s", "device", "device_name", "memory_reason", "notes")
     return {k: row.get(k) for k in keys if k in row}
 
 
