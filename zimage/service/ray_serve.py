@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 CANCEL_POLL_S = 0.05  # how often the cancel watcher looks at the jobs in flight
-STATUS_EVERY_S = 2.0  # how often status() asks Serve for the replica states (the panel ticks each second)
+STATUS_EVERY_S = 2.0  # how often the replica list is read from Ray (the panel ticks each second)
 MAX_TRIES = 2  # a job whose replica died runs once more on another replica
 LEARN_HOLD_S = 0.3  # how long each "who are you" call at start holds its replica
 CLOSE_TIMEOUT_S = 30.0  # deleting the deployment at shutdown: Ray's own calls have no timeout
@@ -159,9 +159,7 @@ class RayPool:
         self._connected = False
         self._states: dict[str, int] = {}
         self._alive: list[str] = []
-        self._states_at = 0.0
         self._closed = threading.Event()
-        self._watcher: threading.Thread | None = None
         size = settings.ray_max_replicas if settings.ray_replicas == "auto" else int(settings.ray_replicas)
         self.plan = RayPlan(size, self.address, settings.ray_replicas)
 
@@ -223,8 +221,10 @@ class RayPool:
             self._closed.clear()
         self._learn_replicas()
         self._end(stage, self._replica_text())
-        self._watcher = threading.Thread(target=self._watch_cancels, name="ray-cancel", daemon=True)
-        self._watcher.start()
+        # Cancels and the replica list each on a thread of their own: a Ray call without an answer
+        # (Ray's own calls have no timeout) holds neither a cancel nor the page's live panel.
+        for target, name in ((self._watch_cancels, "ray-cancel"), (self._watch_replicas, "ray-status")):
+            threading.Thread(target=target, name=name, daemon=True).start()
         log.info("Ray Serve: %s", self._replica_text())
 
     def _learn_replicas(self) -> None:
@@ -298,7 +298,7 @@ class RayPool:
     def _follow_start(self, stage: Any) -> None:
         """While serve.run waits: the banner shows how many replicas are up."""
         while not self._closed.wait(0.5):
-            states, _ = self._observe(fresh=True)
+            states, _ = self._observe()
             up = states.get("RUNNING", 0)
             if self.timeline is not None and self.min_replicas:
                 self.timeline.progress(min(0.99, up / self.min_replicas))
@@ -443,15 +443,18 @@ class RayPool:
                 except Exception:  # noqa: BLE001 - best effort: the job ends with the replica's answer
                     log.exception("cancelling job %s through Ray Serve failed", f.job.id)
 
+    def _watch_replicas(self) -> None:
+        while not self._closed.wait(STATUS_EVERY_S):
+            self._observe()
+
     # --- reporting ----------------------------------------------------------------------
 
-    def _observe(self, fresh: bool = False) -> tuple[dict[str, int], list[str]]:
-        """Serve's replica counts by state (RUNNING, STARTING, ...) and the names of the replica
-        actors alive now (Serve names them SERVE_REPLICA::zimage#ZImageReplica#<id>); read at most
-        every STATUS_EVERY_S (the panel ticks every second)."""
-        now = time.monotonic()
-        if not self._connected or (not fresh and now - self._states_at < STATUS_EVERY_S):
-            return self._states, self._alive  # before connecting: asking Ray would start a cluster of its own
+    def _observe(self) -> tuple[dict[str, int], list[str]]:
+        """Ask Ray: Serve's replica counts by state (RUNNING, STARTING, ...) and the names of the
+        replica actors alive now (Serve names them SERVE_REPLICA::zimage#ZImageReplica#<id>).
+        status() reads what the last call found."""
+        if not self._connected:  # asking Ray before connecting would start a cluster of its own
+            return self._states, self._alive
         import ray
         from ray import serve
 
@@ -474,13 +477,13 @@ class RayPool:
         except Exception:  # noqa: BLE001 - the panel shows what it knew last
             return self._states, self._alive
         with self._lock:
-            self._states, self._alive, self._states_at = states, alive, now
+            self._states, self._alive = states, alive
             for name in [n for n in self._seen if n not in alive and not self._seen[n].busy_with]:
                 del self._seen[name]  # replaced or scaled down: Serve has let it go
         return states, alive
 
     def _replica_text(self) -> str:
-        states, _ = self._observe(fresh=True)
+        states, _ = self._observe()
         counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())) or "no replica yet"
         scale = (
             f"autoscaling {self.min_replicas}-{self.max_replicas}"
@@ -492,7 +495,8 @@ class RayPool:
     def status(self) -> list[dict[str, Any]]:
         """One row per replica alive in Serve: who and where, its state, the job it runs, and
         (once it ran a job for us) its device, memory mode, last run and VRAM after it."""
-        states, alive = self._observe()
+        with self._lock:
+            states, alive = self._states, self._alive
         loading = sum(n for st, n in states.items() if st != "RUNNING")
         rows = []
         with self._lock:
@@ -519,11 +523,6 @@ class RayPool:
                     }
                 )
         return rows
-
-    @property
-    def alive(self) -> list[str]:
-        """Names of the replicas alive now (ray-<Serve's replica id>), read fresh."""
-        return self._observe(fresh=True)[1]
 
     # --- the end ------------------------------------------------------------------------
 
