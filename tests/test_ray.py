@@ -48,7 +48,7 @@ def test_ray_errors_become_one_sentence():
     from ray.serve import exceptions as sx
 
     from zimage.errors import Cancelled, GenerationFailed, NotReady, OutOfMemory, ReplicaFailed
-    from zimage.service.ray_serve import ReplicaLost, explain
+    from zimage.service.ray_errors import ReplicaLost, explain
 
     # a replica's own error arrives wrapped (as the handle raises it) and comes out as itself
     oom = OutOfMemory("Out of GPU memory at 2048x2048 with 8 image(s). Try a smaller size.")

@@ -18,7 +18,7 @@ from zimage.service.replicas import READY, LocalReplica, Replica, ReplicaPool
 from zimage.service.request import GenerationRequest
 from zimage.settings import Settings, from_sources
 
-from .conftest import pixels
+from .support import pixels
 
 
 def _hw(*free_gib: float) -> Hardware:

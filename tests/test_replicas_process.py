@@ -14,7 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from .test_server import generate, metric, start_server, submit
+from . import support
+from .support import App, generate, submit
+
+
+def metric(server, name, labels=None):
+    return support.metric(server.base, name, labels)
+
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +30,7 @@ LONG = dict(width=256, height=256, steps=50, count=2)  # several seconds on the 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_dir):
     work = tmp_path_factory.mktemp("replicas")
-    srv = start_server(work, tiny_dir, "--replicas", "2", "--queue-size", "16", timeout=300)
+    srv = App(work, tiny_dir, "--replicas", "2", "--queue-size", "16").wait_ready(300)
     yield srv
     srv.stop()
 

@@ -10,12 +10,12 @@ start and `--ray-max-replicas` when jobs queue, health checks, and replacing a r
 
 What stays here: connecting and deploying (with the loading banner's stages), cancel (the
 handle cancels the request, the replica cancels the job after its current step), turning Ray's
-errors into the package's one-sentence errors, and one retry: a job whose replica died under it
+errors into the package's one-sentence errors (ray_errors.py), and one retry: a job whose replica died under it
 runs once more on another replica (Serve has already replaced the dead one or routes around it);
 if that one dies too, the user gets a clear message.
 
-Ray is imported only here and in ray_replica.py, and only when --ray is set: the single-GPU
-default never imports it.
+Ray is imported only by these modules, and only when --ray is set: the single-GPU default never
+imports it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from zimage.errors import Cancelled, GenerationFailed, NotReady, ReplicaFailed, ShuttingDown, ZImageError
+from zimage.errors import Cancelled, ReplicaFailed, ShuttingDown, ZImageError
+from zimage.service.ray_errors import ReplicaLost, cause_line, chain_text, explain, first_line
 
 if TYPE_CHECKING:  # pragma: no cover
     from zimage.ops.profiler import LoadTimeline
@@ -43,65 +44,6 @@ STATUS_EVERY_S = 2.0  # how often the replica list is read from Ray (the panel t
 MAX_TRIES = 2  # a job whose replica died runs once more on another replica
 LEARN_HOLD_S = 0.3  # how long each "who are you" call at start holds its replica
 CLOSE_TIMEOUT_S = 30.0  # deleting the deployment at shutdown: Ray's own calls have no timeout
-
-
-class ReplicaLost(Exception):
-    """The replica running (or about to run) a job died: the job may run again elsewhere."""
-
-
-def explain(exc: BaseException, address: str = "") -> BaseException:
-    """Ray's exception as the package's own: what run() raises (or ReplicaLost, to retry).
-
-    A replica's own error (a ZImageError such as OutOfMemory or Cancelled, or the runner's
-    exception) arrives wrapped in a RayTaskError and comes out as itself; Ray's own failures
-    become one sentence that says what happened and what to do."""
-    import asyncio
-    import concurrent.futures
-
-    from ray import exceptions as rx
-    from ray.serve import exceptions as sx
-
-    where = f" at {address}" if address else ""
-    if isinstance(exc, rx.RayTaskError):
-        cause = getattr(exc, "cause", None)
-        if isinstance(cause, ReplicaFailed):  # the replica broke (an unrecoverable CUDA error): Serve replaces it
-            return ReplicaLost(str(cause))
-        if isinstance(cause, BaseException) and not isinstance(cause, rx.RayTaskError):
-            return explain(cause, address) if isinstance(cause, rx.RayError) else cause
-        return GenerationFailed(f"A Ray replica failed while running the job ({type(exc).__name__}); see the logs.")
-    if isinstance(exc, (sx.RequestCancelledError, rx.TaskCancelledError)):
-        return Cancelled("Cancelled.")
-    if isinstance(exc, (asyncio.CancelledError, concurrent.futures.CancelledError)):
-        return Cancelled("Cancelled before it started.")
-    if isinstance(exc, (rx.RayActorError, sx.ReplicaUnavailableError, rx.WorkerCrashedError, rx.NodeDiedError)):
-        return ReplicaLost(_first_line(exc))
-    if isinstance(exc, sx.DeploymentUnavailableError):
-        return NotReady(
-            "The zimage replicas on Ray Serve failed to deploy; run `serve status` on the head box to see why, "
-            "then restart the studio."
-        )
-    if isinstance(exc, sx.BackPressureError):
-        return ShuttingDown("Ray Serve's queue for zimage is full; try again in a minute.")
-    if isinstance(exc, rx.RayError):
-        return GenerationFailed(
-            f"The Ray cluster{where} did not answer ({type(exc).__name__}); the studio keeps running: try again, "
-            "and check `ray status` on the head box."
-        )
-    return exc
-
-
-def _chain_text(exc: BaseException) -> str:
-    parts, seen = [], set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        parts.append(str(exc))
-        exc = exc.__cause__ or exc.__context__
-    return " ".join(parts)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -212,7 +154,7 @@ class RayPool:
             self.handle = serve.run(app, name=ray_replica.APP_NAME, route_prefix=None)
         except Exception as exc:  # noqa: BLE001 - Serve's text is a traceback; one sentence instead
             raise ZImageError(
-                f"Ray Serve could not start the zimage replicas: {_cause_line(exc)} "
+                f"Ray Serve could not start the zimage replicas: {cause_line(exc)} "
                 "(`serve status` on the head box shows more)."
             ) from None
         finally:
@@ -236,7 +178,7 @@ class RayPool:
             try:
                 row = call.result(timeout_s=60)
             except Exception as exc:  # noqa: BLE001 - only for the panel; a replica's first job tells us too
-                log.warning("Ray Serve: could not ask a replica who it is (%s)", _first_line(exc))
+                log.warning("Ray Serve: could not ask a replica who it is (%s)", first_line(exc))
                 continue
             with self._lock:
                 self._seen.setdefault(row.get("name", "ray"), _Seen(_identity(row), memory_mode=row.get("memory_mode")))
@@ -252,7 +194,7 @@ class RayPool:
             else:
                 ray.init(address=self.address, **kw)
         except ConnectionError as exc:
-            if "token" in _chain_text(exc).lower():
+            if "token" in chain_text(exc).lower():
                 raise ZImageError(
                     f"The Ray cluster at {self.address} asks for its authentication token: start the studio with "
                     "RAY_AUTH_MODE=token and the cluster's token in ~/.ray/auth_token (or RAY_AUTH_TOKEN)."
@@ -263,7 +205,7 @@ class RayPool:
                     "(and `ray start --address HEAD:6379` on the other boxes), or use --ray local."
                 ) from None
             raise ZImageError(
-                f"Could not connect to the Ray cluster at {self.address}: {_first_line(exc)}. Is `ray start --head` "
+                f"Could not connect to the Ray cluster at {self.address}: {first_line(exc)}. Is `ray start --head` "
                 "running there, and is this box part of the cluster (`ray start --address ...`)?"
             ) from None
         return ray
@@ -589,12 +531,3 @@ class RayPool:
 def _identity(row: dict[str, Any]) -> dict[str, Any]:
     keys = ("name", "pid", "node", "node_id", "gpu", "start_s", "device", "device_name", "memory_reason", "notes")
     return {k: row.get(k) for k in keys if k in row}
-
-
-def _cause_line(exc: BaseException) -> str:
-    """The last line of Serve's deploy error that names an exception (its traceback's end)."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if "Error" in ln or "Exception" in ln:
-            return ln[:300]
-    return (lines[-1] if lines else type(exc).__name__)[:300]
