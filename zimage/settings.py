@@ -186,6 +186,23 @@ class Settings:
         4, "Load-aware steps: the fewest steps a job is reduced to when the queue is long.", group="gpus"
     )
 
+    # --- several boxes: Ray Serve ------------------------------------------------------
+    ray: str = opt(
+        "",
+        "Run the replicas as Ray Serve deployments (one GPU each) on a Ray cluster: auto (the cluster this "
+        "box joined with `ray start`), an address such as 10.0.0.5:6379, or local (a private Ray of this "
+        "process). Empty = off: no Ray at all. Needs `pip install 'ray[serve]'`.",
+        group="ray",
+    )
+    ray_replicas: str = opt(
+        "auto",
+        "With --ray: a fixed number of replicas, or auto: one per GPU in the cluster at start (at least 1), "
+        "and Ray Serve adds replicas up to --ray-max-replicas while jobs wait and GPUs are free "
+        "(e.g. on a box that joined later).",
+        group="ray",
+    )
+    ray_max_replicas: int = opt(16, "With --ray and --ray-replicas auto: the most replicas Serve may run.", group="ray")
+
     # --- request limits and defaults --------------------------------------------------
     min_size: int = opt(256, "Smallest width/height in pixels (multiple of 16).", group="limits")
     max_size: int = opt(2048, "Largest width/height in pixels (multiple of 16).", group="limits")
@@ -360,6 +377,7 @@ def _check(s: Settings) -> Settings:
         parse_user(entry, "--auth")
     _check_access(s)
     _check_gpus(s)
+    _check_ray(s)
     return s
 
 
@@ -409,6 +427,43 @@ def parse_gpus(text: str) -> list[int]:
             raise SettingsError(f"Setting 'gpus' must be GPU indices separated by commas, e.g. 0,1 (got {text!r}).")
         out.append(int(part))
     return out
+
+
+def _check_ray(s: Settings) -> None:
+    """--ray: a usable address, a replica count, and Ray installed (looked up, not imported)."""
+    if not s.ray:
+        return
+    address = s.ray.strip()
+    if address not in ("auto", "local") and not address.startswith("ray://"):
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise SettingsError(
+                f"Setting 'ray' must be auto, local, HOST:PORT (the head box's `ray start --head` address, "
+                f"e.g. 10.0.0.5:6379) or ray://HOST:PORT (got {s.ray!r})."
+            )
+    if s.ray_replicas != "auto" and not (s.ray_replicas.isdigit() and int(s.ray_replicas) >= 1):
+        raise SettingsError(
+            f"Setting 'ray_replicas' must be auto or a whole number of at least 1 (got {s.ray_replicas!r})."
+        )
+    if s.ray_max_replicas < 1:
+        raise SettingsError(f"Setting 'ray_max_replicas' must be at least 1 (got {s.ray_max_replicas}).")
+    if s.memory_mode == "multi-gpu":
+        raise SettingsError(
+            "Settings 'ray' and memory_mode multi-gpu do not go together: each Ray replica has one GPU. "
+            "Leave memory_mode at auto."
+        )
+    if s.replicas != "auto" or s.gpus:
+        raise SettingsError(
+            "Settings 'replicas' and 'gpus' choose local GPUs; with 'ray' Ray places the replicas on the "
+            "cluster's GPUs: use --ray-replicas instead (and CUDA_VISIBLE_DEVICES on `ray start` to hide GPUs)."
+        )
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise SettingsError(
+            "Setting 'ray' needs Ray Serve, which is not installed: pip install 'ray[serve]' "
+            "(or pip install -e '.[ray]')."
+        )
 
 
 def parse_user(entry: str, where: str) -> tuple[str, str]:

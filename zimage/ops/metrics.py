@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -64,12 +65,27 @@ class EngineMetrics:
         self.purged_files = Counter("zimage_purged_files", "Files removed by the purge thread.", registry=r)
         self.purged_bytes = Counter("zimage_purged_bytes", "Bytes removed by the purge thread.", registry=r)
         self._refreshers: list[Callable[[], None]] = []
+        self._replica_series: dict[str, set[tuple[str, str]]] = {}  # replica -> its (gpu, kind) VRAM series
 
     def refresh_replicas(self, rows: list[dict]) -> None:
-        """Per-replica state, restarts, last run and (for child-process replicas) VRAM."""
+        """Per-replica state, restarts, last run and (for child-process replicas) VRAM. A replica no
+        longer listed (a Ray Serve replica replaced or scaled down) loses its series."""
         from zimage.service.replicas import STATES
 
+        names = {row.get("name", "?") for row in rows}
+        for gone in set(self._replica_series) - names:
+            for gauge, labels in (
+                *((self.replica_state, (gone, state)) for state in STATES),
+                (self.replica_restarts, (gone,)),
+                (self.replica_pid, (gone,)),
+                (self.replica_last_run, (gone,)),
+                *((self.vram, (gone, gpu, kind)) for gpu, kind in self._replica_series[gone]),
+            ):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(*labels)
+            del self._replica_series[gone]
         for row in rows:
+            self._replica_series.setdefault(row.get("name", "?"), set())
             name = row.get("name", "?")
             for state in STATES:
                 self.replica_state.labels(name, state).set(1 if row.get("state") == state else 0)
@@ -85,6 +101,7 @@ class EngineMetrics:
                 for kind in ("allocated", "reserved", "peak_allocated"):
                     if vram.get(f"{kind}_bytes") is not None:
                         self.vram.labels(name, gpu, kind).set(vram[f"{kind}_bytes"])
+                        self._replica_series[name].add((gpu, kind))
 
     def on_scrape(self, fn: Callable[[], None]) -> None:
         """Run fn before each export (to read VRAM, queue depth...)."""

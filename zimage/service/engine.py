@@ -48,8 +48,14 @@ class Engine:
         self.model: LoadedModel | None = None
         self.runner: Runner | None = None
         self.job_listeners: list[Listener] = []
-        self.replica_plan = plan_replicas(settings)
-        self.pool = ReplicaPool()
+        if settings.ray:  # past one box: Ray Serve replicas (Ray is imported only then, only here)
+            from zimage.service.ray_serve import RayPool
+
+            self.pool: Any = RayPool(settings, self.timeline)
+            self.replica_plan: Any = self.pool.plan
+        else:
+            self.replica_plan = plan_replicas(settings)
+            self.pool = ReplicaPool()
         # Jobs waiting in front of the engine (the web server sets it to Gradio's queue length).
         self.waiting_elsewhere: Callable[[], int] = lambda: 0
         self._ready = threading.Event()
@@ -130,15 +136,17 @@ class Engine:
         plan = self.replica_plan
         try:
             log.info("replicas: %s", plan.describe())
-            for replica in build_replicas(self.settings, plan, self.metrics, tl, self._replica_changed):
-                self.pool.add(replica)
-            if plan.processes:
+            if self.settings.ray:
+                self.pool.start()  # connect, deploy, wait for the replicas: stages on the timeline
+            elif plan.processes:
+                self._add_replicas(plan)
                 stage = tl.begin(f"start {plan.size} replicas", plan.describe())
                 self.pool.start()
                 tl.end(stage, ", ".join(f"{r.name} {r.state}" for r in self.pool.replicas))
             else:
+                self._add_replicas(plan)
                 self.pool.start()
-            local = self.pool.replicas[0]
+            local = self.pool.replicas[0] if self.pool.replicas else None
             if isinstance(local, LocalReplica):
                 self.model, self.runner = local.model, local.runner
             tl.ready()
@@ -151,6 +159,10 @@ class Engine:
         except Exception as exc:
             tl.fail(str(exc) if isinstance(exc, ZImageError) else f"{type(exc).__name__}: {exc}")
             raise
+
+    def _add_replicas(self, plan: Any) -> None:
+        for replica in build_replicas(self.settings, plan, self.metrics, self.timeline, self._replica_changed):
+            self.pool.add(replica)
 
     def _replica_changed(self, replica) -> None:
         """A child replica reported: its load progress (the banner shows the mean), or a new state."""
