@@ -43,6 +43,7 @@ class GenerationRequest:
     count: int = 1
     user: str = ""  # who asked (for logs); never affects the image
     shift: float | None = None  # the scheduler's time shift; None = the model's own
+    owner: str = ""  # whose outputs folder the images go to (a logged-in user; '' = the shared one)
 
     def seeds(self) -> list[int]:
         """Seeds of the images, s, s+1, ...; the seed must be resolved first."""

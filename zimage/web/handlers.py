@@ -6,7 +6,11 @@ validation names the field, the value and what is allowed.
 
 Two ways in: the API endpoint `generate` (gradio_client, REST: one call, the PNGs back) and the
 page's Generate (a run on its own thread, followed with live previews, cancelled in words,
-found again after a reload; see runs.py)."""
+found again after a reload; see runs.py).
+
+Every handler checks what it gets and answers a bad value with a sentence (gr.Error); guard.py
+checks every file in and out for all of them, and each user sees only their own space
+(`Access.viewer`)."""
 
 from __future__ import annotations
 
@@ -20,10 +24,12 @@ from typing import Any
 import anyio
 import gradio as gr
 
-from zimage.errors import ZImageError
-from zimage.service.request import GenerationRequest
-from zimage.service.store import read_parameters
+from zimage.errors import UnreadableImage, ZImageError
+from zimage.model.presets import ASPECT_RATIOS
+from zimage.service.pngmeta import clean_parameters, read_parameters, read_parameters_checked
+from zimage.service.request import GUIDANCE_MAX, GenerationRequest
 from zimage.web import gqueue
+from zimage.web.guard import INTERNAL_ERROR, Access, Refused, access_of
 from zimage.web.history import History
 from zimage.web.i18n import lang_of, t
 from zimage.web.panels import (
@@ -36,14 +42,15 @@ from zimage.web.panels import (
     render_tokens,
     summary_markdown,
 )
-from zimage.web.runs import INTERNAL_ERROR, Runs
-from zimage.web.sizes import CUSTOM, match_preset, preset_size, size_note, size_tiers
+from zimage.web.runs import Runs
+from zimage.web.sizes import CUSTOM, match_preset, preset_size, ratio_label, size_note, size_tiers
 
 log = logging.getLogger(__name__)
 
 GPU_QUEUE = "gpu"  # the one concurrency group of every listener that runs the pipeline
 PROGRESS_EVERY_S = 0.1  # at most ten progress updates a second to each browser
 TOKEN_LIMIT = 512  # the text encoder reads this many tokens (the pipeline's max_sequence_length)
+ASPECT_LABELS = tuple(ratio_label(r) for r in ASPECT_RATIOS)
 
 # ------------------------------------------------------------------------------------------
 # the handlers
@@ -56,11 +63,6 @@ def _who(request) -> str:
         return str(user)
     client = getattr(request, "client", None)
     return str(getattr(client, "host", "") or "") if client else ""
-
-
-def _user(request) -> str:
-    """The logged-in user ("" without logins): whose runs and history these are."""
-    return str(getattr(request, "username", None) or "")
 
 
 def _session(request) -> str:
@@ -112,7 +114,7 @@ class FormValues:
     count: Any = 1
     shift: Any = None
 
-    def request(self, user: str, defaults: tuple[int, int, int]) -> GenerationRequest:
+    def request(self, user: str, defaults: tuple[int, int, int], owner: str = "") -> GenerationRequest:
         w, h, steps = defaults
         return GenerationRequest(
             prompt=self.prompt if self.prompt is not None else "",
@@ -125,6 +127,7 @@ class FormValues:
             count=_number(self.count, 1),
             shift=self.shift if self.shift not in (None, "") else None,
             user=user,
+            owner=owner,
         )
 
 
@@ -145,6 +148,28 @@ class Studio:
         w, _h = engine.default_size
         self.tiers = size_tiers(w, settings.max_size)
         self.ui_fn_ids: set[int] = set()  # the page's own GPU listeners (page.py fills it)
+
+    @property
+    def access(self) -> Access:
+        """Who may see what (installed on the Blocks by the server; one shared space without it)."""
+        return access_of(self.blocks, self.engine.store)
+
+    def _owner(self, request: Any) -> str:
+        """Whose space this request works in: the logged-in user's own ('' = the shared space)."""
+        return self.access.viewer(request).owner
+
+    def _space(self, request: Any) -> str | None:
+        """Whose images this request sees: its own space, or every space for an admin (None)."""
+        viewer = self.access.viewer(request)
+        return None if viewer.admin else viewer.owner
+
+    def space_note_key(self) -> str:
+        """Which line says whose images the history shows (i18n key)."""
+        return "space_own" if self.settings.auth or self.settings.auth_file else "space_shared"
+
+    def space_note(self, lang: str = "en") -> str:
+        """One line on whose images the history shows."""
+        return t(lang, self.space_note_key())
 
     @property
     def defaults(self) -> tuple[int, int, int]:
@@ -171,13 +196,14 @@ class Studio:
         Job.cancel(), the /cancel endpoint), the engine job is cancelled too, so the pipeline
         stops within a step instead of running on for nobody."""
         job = self.engine.new_job()
+        owner = self._owner(request)
         session = _session(request)
         with self._jobs_lock:
             self._jobs[session] = job
         values = FormValues(prompt, negative_prompt, width, height, steps, guidance, seed, count, shift)
         try:
             return await anyio.to_thread.run_sync(
-                self._generate, job, values, _who(request), progress, abandon_on_cancel=True
+                self._generate, job, values, _who(request), owner, progress, abandon_on_cancel=True
             )
         except anyio.get_cancelled_exc_class():
             job.cancel()
@@ -187,12 +213,12 @@ class Studio:
                 if self._jobs.get(session) is job:
                     del self._jobs[session]
 
-    def _generate(self, job: Any, values: FormValues, user: str, progress: gr.Progress):
+    def _generate(self, job: Any, values: FormValues, user: str, owner: str, progress: gr.Progress):
         engine = self.engine
         feed = _Progress(progress)
         try:
             self._wait_for_model(progress, job)
-            req = values.request(user, self.defaults)
+            req = values.request(user, self.defaults, owner)
             result = engine.generate(req, job=job, progress=feed, save=True, wait_ready=30.0)
             progress(1.0, desc="Saving PNG…")
             paths = result.wait_saved(timeout=120)
@@ -252,11 +278,12 @@ class Studio:
             validate(values.request("", self.defaults), self.engine.limits)
         except ZImageError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
+        owner = self._owner(request)
         run = self.runs.start(
-            values.request(_who(request), self.defaults),
+            values.request(_who(request), self.defaults, owner),
             client=str(client or ""),
             session=_session(request),
-            user=_user(request),
+            user=owner,
             form=asdict(values),
             preview=bool(preview),
         )
@@ -283,7 +310,7 @@ class Studio:
             if tokens is not None and tokens > TOKEN_LIMIT:
                 details.setdefault("notes", []).append(t(lang, "prompt_was_cut", n=tokens, limit=TOKEN_LIMIT))
             gallery = [(p, f"seed {s}") for p, s in zip(run.paths, details.get("seeds", []))]
-            files = [p for p in run.paths if Path(p).is_file()]
+            files = [p for p in run.paths if Path(p).is_file() and not Path(p).is_symlink()]
             download = gr.update(value=files or None, visible=bool(files))
             live = render_live({"state": "done", "total_s": (details.get("timings") or {}).get("total_s")}, lang)
             return gallery, details, live, summary_markdown(details, lang), download, details.get("seed", -1), ""
@@ -357,11 +384,11 @@ class Studio:
         client = str(client or "")
         if not client:
             return (uuid.uuid4().hex, *nothing)
-        run = self.runs.last_of_client(client, _user(request))
+        run = self.runs.last_of_client(client, self._owner(request))
         if run is None:
             return (skip, *nothing)
         form = self.use_settings(run.form, keep_count=True)
-        done = self.runs.last_done_of_client(client, _user(request))
+        done = self.runs.last_done_of_client(client, self._owner(request))
         shown = [skip] * 5
         if done is not None and done is not run:
             gallery, details, _live, summary, download, seed, _note = self._finished(done, lang)
@@ -389,7 +416,7 @@ class Studio:
     def history(self, query: str = "", shown: int = 0, request: gr.Request = None):
         """(gallery items, count line, how many shown, load-more button) for this user."""
         lang = lang_of(request)
-        return self.history_view.page(query, shown, _user(request), lang)
+        return self.history_view.page(query, shown, self._space(request), lang)
 
     def history_if_open(self, query: str, shown: int, is_open: bool, request: gr.Request = None):
         if not is_open:
@@ -398,83 +425,87 @@ class Studio:
 
     def more_history(self, query: str, shown: int, request: gr.Request = None):
         lang = lang_of(request)
-        return self.history_view.page(query, shown, _user(request), lang, more=True)
+        return self.history_view.page(query, shown, self._space(request), lang, more=True)
 
-    def delete_image(self, params: dict[str, Any], query: str, shown: int, request: gr.Request = None):
-        """Delete the selected image (the page asked once); its path was checked when it was selected."""
+    def delete_image(
+        self, params: dict[str, Any], query: str, shown: int, confirmed: str = "", request: gr.Request = None
+    ):
+        """Delete the selected image once the page asked and the answer was yes; its path was checked
+        when it was selected, and only a file of the asker's own space is deleted."""
         lang = lang_of(request)
-        path = (params or {}).get("_path")
+        space = self._space(request)
+        path = (params or {}).get("_path") if isinstance(params, dict) else None
+        if confirmed != "yes":
+            return (gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip())
         if not path:
             note = t(lang, "delete_nothing")
-        elif self.history_view.delete(path, _user(request)):
+        elif self.history_view.delete(path, space):
             note = t(lang, "deleted", name=Path(path).name)
         else:
             note = t(lang, "delete_refused")
-        items = self.history_view.page(query, max(shown, 1), _user(request), lang)
+        items = self.history_view.page(query, max(shown, 1), space, lang)
         return ({}, note, *items)
 
     def select_image(self, evt: gr.SelectData, request: gr.Request = None):
         lang = lang_of(request)
-        value = evt.value or {}
-        image = value.get("image") if isinstance(value, dict) else None
-        path = (image or {}).get("path") if isinstance(image, dict) else None
-        if not path:
+        value = evt.value if isinstance(evt.value, dict) else {}
+        image = value.get("image")
+        path = image.get("path") if isinstance(image, dict) else None
+        if not path or not isinstance(path, str):
             return {}, t(lang, "select_an_image")
-        if not self._may_read(path):  # the path comes from the browser: only our images
+        try:  # the path comes from the browser: only the asker's own images and uploads
+            real = self.access.check(path, self.access.viewer(request))
+        except Refused:
             return {}, t(lang, "not_ours")
         try:
-            params = read_parameters(path)
-        except Exception:  # noqa: BLE001 - a file that is not a readable PNG has no parameters
+            params = read_parameters(real)
+        except (UnreadableImage, OSError):
             params = {}
-        name = Path(path).name
-        params = {**params, "_path": path} if params else {"_path": path}
-        return params, parameters_markdown(params, name, lang)
-
-    def _may_read(self, path: str) -> bool:
-        """Inside the outputs folder or Gradio's cache (where shown images are copied)."""
-        from gradio.utils import get_upload_folder
-
-        try:
-            real = Path(path).resolve()
-        except (OSError, RuntimeError):
-            return False
-        roots = (Path(self.engine.store.folder).resolve(), Path(get_upload_folder()).resolve())
-        return real.suffix.lower() == ".png" and any(real.is_relative_to(r) for r in roots)
+        return {**params, "_path": str(real)}, parameters_markdown(params, real.name, lang)
 
     def load_png(self, file: Any, request: gr.Request = None):
         """A PNG dropped on the page: the image, its parameters (ours or A1111-style), and the form
-        filled with them."""
+        filled with them. The file is an upload of this session (guard.py refused anything else
+        before this runs); its chunks are read without decoding a pixel, and every field is checked."""
         lang = lang_of(request)
         path = getattr(file, "name", file)
         no_change = [gr.update()] * 11
+        hidden = gr.update(value=None, visible=False)
         if not path:
-            return [{}, "", gr.update(value=None, visible=False), *no_change]
+            return [{}, "", hidden, *no_change]
+        if not isinstance(path, (str, Path)):
+            raise Refused("Drop a PNG file (from zimage, AUTOMATIC1111, Forge...) to load its settings.")
         name = Path(str(path)).name
         try:
-            params = read_parameters(path)
-        except Exception:  # noqa: BLE001 - not an image PIL can read
-            return [{}, t(lang, "not_a_png", name=name), gr.update(value=None, visible=False), *no_change]
+            params, dropped = read_parameters_checked(path)
+        except UnreadableImage as exc:
+            return [{}, f"{t(lang, 'not_a_png', name=name)} {exc}", hidden, *no_change]
+        except OSError:
+            return [{}, t(lang, "not_a_png", name=name), hidden, *no_change]
         shown = gr.update(value=str(path), visible=True)
         if not params:
             return [{}, t(lang, "no_parameters", name=name), shown, *no_change]
-        return [params, parameters_markdown(params, name, lang), shown, *self.use_settings(params)]
+        note = f"  \n{t(lang, 'left_out', fields=', '.join(dropped))}" if dropped else ""
+        return [params, parameters_markdown(params, name, lang) + note, shown, *self.use_settings(params)]
 
     def use_settings(self, params: dict[str, Any], keep_count: bool = False):
         """Form values from a parameters dict: prompt, negative, width, height, steps, guidance, seed,
         count, shift, aspect, tier."""
+        raw = params if isinstance(params, dict) else {}
+        params = clean_parameters(raw)[0]
+        for key in ("count", "shift"):  # the page's own form (a reload) keeps these as they were
+            if key in raw and key not in params and keep_count:
+                params[key] = raw[key]
         if not params:
             return [gr.update()] * 11
         keep = gr.update()
-        w = params.get("width")
-        h = params.get("height")
-        try:
-            aspect, tier = (
-                match_preset(int(w), int(h), self.tiers, self.settings.min_size, self.settings.max_size)
-                if w and h
-                else (CUSTOM, None)
-            )
-        except (TypeError, ValueError):
-            aspect, tier = CUSTOM, None
+        w = _whole(params.get("width"))
+        h = _whole(params.get("height"))
+        aspect, tier = (
+            match_preset(w, h, self.tiers, self.settings.min_size, self.settings.max_size)
+            if w and h
+            else (CUSTOM, None)
+        )
         shift = params.get("shift")
         return [
             params.get("prompt", keep),
@@ -517,16 +548,25 @@ class Studio:
     def pick_preset(self, aspect: str, tier: Any):
         if aspect == CUSTOM or tier is None:
             return gr.update(), gr.update(), gr.update()
-        w, h, note = preset_size(aspect, int(tier), self.settings.min_size, self.settings.max_size)
+        if aspect not in ASPECT_LABELS:
+            raise Refused(f"Aspect ratio must be one of {', '.join(ASPECT_LABELS)} or {CUSTOM} (got {_short(aspect)}).")
+        if _whole(tier) not in self.tiers:
+            raise Refused(f"Resolution must be one of {', '.join(map(str, self.tiers))} (got {_short(tier)}).")
+        w, h, note = preset_size(aspect, _whole(tier), self.settings.min_size, self.settings.max_size)
         return w, h, size_note(w, h, note)
 
     def custom_size(self, width: Any, height: Any):
-        return CUSTOM, size_note(width, height)
+        w, h = _whole(width), _whole(height)
+        return CUSTOM, size_note(w, h) if w is not None and h is not None else ""
 
     @staticmethod
     def negative_state(guidance: float, request: gr.Request = None):
         lang = lang_of(request)
-        if guidance and float(guidance) > 0:
+        try:
+            guidance = float(guidance or 0.0)
+        except (TypeError, ValueError, OverflowError):
+            raise Refused(f"Guidance must be a number from 0 to {GUIDANCE_MAX:g} (got {_short(guidance)}).") from None
+        if guidance > 0:
             return gr.update(
                 interactive=True,
                 info=t(lang, "negative_in_use", g=f"{float(guidance):g}"),
@@ -589,6 +629,22 @@ class Studio:
     def gradio_waiting(self) -> int:
         """Requests waiting in Gradio's queue (not yet handed to the engine)."""
         return len(gqueue.waiting(self.blocks, GPU_QUEUE))
+
+
+def _whole(value: Any) -> int | None:
+    """A whole number from a widget value, or None (junk, infinities, booleans)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return int(number) if number == number and abs(number) < 1e9 and number.is_integer() else None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _number(value: Any, default: int | None = None) -> Any:

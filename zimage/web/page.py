@@ -6,9 +6,9 @@ handlers.py (the Studio), what the panels show in panels.py, the size arithmetic
 the words in i18n.py, the browser side (language and theme switches, phone scrolling, the
 delete question) in static/studio.js.
 
-Every GPU listener shares one `concurrency_id` with a limit of 1, so Gradio's own queue is where
-people wait (the page shows each tab its place and an ETA); the engine holds the GPU lock behind
-it. The page's Generate and the API's `generate` are two listeners on that one queue: the page's
+Every GPU listener shares one `concurrency_id` with a limit of one per replica (one per GPU), so
+Gradio's own queue is where people wait (the page shows each tab its place and an ETA); the
+engine's replica pool hands each running job to a free replica behind it. The page's Generate and the API's `generate` are two listeners on that one queue: the page's
 follows its run with live previews, the API's answers with the PNGs in one call.
 """
 
@@ -299,6 +299,7 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
                             )
                             refresh_btn = gr.Button(tr("refresh"), size="sm", scale=0, min_width=90)
                         history_line = gr.Markdown("", elem_id="zi-history-line")
+                        gr.Markdown(tr(studio.space_note_key()), elem_classes=["zi-hint"], elem_id="zi-space-note")
                         history = gr.Gallery(
                             label=tr("tab_history"),
                             show_label=False,
@@ -359,7 +360,7 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
             inputs=[*inputs.as_list(), preview_on, client],
             outputs=run_outputs,
             concurrency_id=GPU_QUEUE,
-            concurrency_limit=1,
+            concurrency_limit=engine.concurrency,
             show_progress="hidden",
             trigger_mode="multiple",
             api_visibility="private",
@@ -376,7 +377,7 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
             api_name="generate",
             api_description=API_DESCRIPTION,
             concurrency_id=GPU_QUEUE,
-            concurrency_limit=1,
+            concurrency_limit=engine.concurrency,
             preprocess=False,
         )
         studio.ui_fn_ids = {ui_event["id"]}
@@ -503,11 +504,14 @@ def _wire_images(
     for trigger in (refresh_btn.click, search.submit):
         trigger(studio.history, [search, reset], history_outputs, **private)
     more_btn.click(studio.more_history, [search, history_shown], history_outputs, **private)
+    # asked once, in the browser; the answer travels as a value of its own (a State cannot be
+    # changed by the browser)
+    answer = gr.Textbox(visible=False, elem_id="zi-delete-answer")
     delete_btn.click(
         studio.delete_image,
-        [selected_params, search, history_shown],
+        [selected_params, search, history_shown, answer],
         [selected_params, params_md, *history_outputs],
-        js="(p, q, n) => [window.ziConfirmDelete && !window.ziConfirmDelete() ? {} : p, q, n]",
+        js="(p, q, n, a) => [p, q, n, window.ziConfirmDelete && window.ziConfirmDelete() ? 'yes' : 'no']",
         **private,
     )
 

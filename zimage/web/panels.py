@@ -78,6 +78,7 @@ def render_profiler(
         _effect_card(status, lang),
         _memory_card(status.get("memory") or {}, lang),
         _queue_card(status, queue, lang),
+        _replicas_card(status.get("replicas") or [], lang),
         _load_card(status.get("load") or {}, lang),
     ]
     if ops_status:
@@ -185,6 +186,28 @@ def _queue_card(status: dict[str, Any], queue: dict[str, Any], lang: str = "en")
     if status.get("pending_writes"):
         rows.append(_kv(t(lang, "c_pending"), status["pending_writes"]))
     return _card("zi-queue", t(lang, "c_queue"), "".join(rows))
+
+
+def _replicas_card(rows: list[dict[str, Any]], lang: str = "en") -> str:
+    """One short row per replica (several GPUs): state, job step, VRAM, last run, restarts."""
+    if len(rows) < 2:
+        return ""  # one replica: the other cards already say it all
+    out = []
+    for r in rows:
+        state = r.get("state", "?")
+        if r.get("step"):
+            state = f"{state} {r['step'][0]}/{r['step'][1]}"
+        vram = r.get("vram") or {}
+        mem = human_bytes(vram.get("allocated_bytes")) if vram.get("allocated_bytes") is not None else "-"
+        last = r.get("last_run") or {}
+        last_text = f"{_s(last.get('seconds'))} {last.get('outcome', '')}".strip() if last else t(lang, "c_no_run")
+        extra = f" · {t(lang, 'c_restarts', n=r['restarts'])}" if r.get("restarts") else ""
+        title = r.get("error") or r.get("device_name") or ""
+        out.append(
+            f'<div class="zi-kv zi-replica zi-replica-{_e(r.get("state", ""))}" title="{_e(title)}">'
+            f"<span>{_e(r.get('name', '?'))}</span><b>{_e(state)} · {_e(mem)} · {_e(last_text)}{_e(extra)}</b></div>"
+        )
+    return _card("zi-replicas", f"{t(lang, 'c_replicas')} · {len(rows)}", "".join(out))
 
 
 def _load_card(load: dict[str, Any], lang: str = "en") -> str:

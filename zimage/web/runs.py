@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zimage.errors import Cancelled, ZImageError
+from zimage.web.guard import INTERNAL_ERROR
 
 log = logging.getLogger(__name__)
 
 CLOSE_GRACE_S = 4.0  # a closed tab's run is cancelled after this long, unless a reload took it over
 KEEP_FINISHED = 200  # finished runs remembered (for reloads), oldest dropped first
-INTERNAL_ERROR = "Something went wrong inside the server (it is logged). The server is fine: please try again."
 
 
 @dataclass
