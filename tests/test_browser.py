@@ -316,10 +316,14 @@ def test_history_search_delete_and_load_more(studio, browser):
     page.locator("#zi-history img").first.click()
     page.wait_for_function("document.querySelector('#zi-params-md').innerText.includes('heron')")
     questions: list[str] = []
-    page.on("dialog", lambda d: (questions.append(d.message), d.accept()))
+    page.once("dialog", lambda d: (questions.append(d.message), d.dismiss()))
+    page.click("#zi-delete")  # "no": nothing is deleted
+    page.wait_for_function("document.querySelector('#zi-params-md').innerText.includes('Nothing was deleted')")
+    assert "heron" in page.inner_text("#zi-params-md") and len(list(studio.outputs.glob("*.png"))) == total
+    page.once("dialog", lambda d: (questions.append(d.message), d.accept()))
     page.click("#zi-delete")
     page.wait_for_function("document.querySelector('#zi-params-md').innerText.includes('Deleted')")
-    assert questions == ["Delete this image for good?"]  # asked once
+    assert questions == ["Delete this image for good?"] * 2  # asked once each time
     page.wait_for_function("document.querySelector('#zi-history-line').innerText.startsWith('7 of 7')")
     assert len([p for p in studio.outputs.glob("*.png")]) == total - 1
 

@@ -253,3 +253,29 @@ def test_the_operations_card_in_plain_words(engine):
     for text in ("watchdog exiting", "False", "None", "purge last removed", "Restarting"):
         assert text not in card, text
     assert "Restarting now" in panels.render_profiler(engine.status(), {**ops, "watchdog_exiting": True})
+
+
+def test_a_queue_join_with_the_older_argument_list_gets_the_defaults(engine, make_settings):
+    demo = _studio(engine, make_settings)
+    fn = next(f for f in demo.fns.values() if f.api_name == "generate")
+    mw = api.ApiDefaults(None, demo)
+    by_id = mw._for("/gradio_api/queue/join")
+    old = json.dumps({"fn_index": fn._id, "data": ["a cat", "", 64, 64, 2, 0.0, 5, 1], "session_hash": "s"})
+    assert json.loads(api._pad(old.encode(), by_id))["data"][-1] == 3.0  # the shift added
+    page_event = next(f for f in demo.fns.values() if f.name == "generate_ui")
+    other = json.dumps({"fn_index": page_event._id, "data": ["a cat"], "session_hash": "s"}).encode()
+    assert api._pad(other, by_id) == other  # only public endpoints are padded
+    assert mw._for("/gradio_api/call/v2/generate") is None  # Gradio fills those by name itself
+
+
+def test_the_api_middleware_passes_the_lifespan_through():
+    """Only HTTP POSTs are looked at; the lifespan (which starts the model load) goes straight on."""
+    import asyncio
+
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(scope["type"])
+
+    asyncio.run(api.ApiDefaults(app, None)({"type": "lifespan"}, None, None))
+    assert seen == ["lifespan"]

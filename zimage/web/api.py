@@ -2,9 +2,10 @@
 
 gradio_client (and Gradio's `/call/v2/<name>`, which takes arguments by name) fill left-out
 arguments with the form's defaults themselves. The plain `POST /gradio_api/call/<name>` with
-`{"data": ["a cat"]}` does not: Gradio refuses a short list. `ApiDefaults` pads the list with the
-same defaults (the model preset's size and steps, guidance 0, seed -1, one image) before Gradio
-reads it, so the three ways of calling agree.
+`{"data": ["a cat"]}` does not, nor does `/queue/join` (what a client written against an older
+argument list sends): Gradio refuses a short list. `ApiDefaults` pads the list of a public
+endpoint with the same defaults (the model preset's size and steps, guidance 0, seed -1, one
+image, the model's own shift) before Gradio reads it, so every way of calling agrees.
 """
 
 from __future__ import annotations
@@ -20,11 +21,15 @@ MAX_BODY = 1 << 20  # a call's JSON is small; anything larger goes through untou
 
 def api_defaults(blocks: Any) -> dict[str, list[Any]]:
     """{api_name: the default of each input, in order} for every public endpoint."""
-    out: dict[str, list[Any]] = {}
+    return {str(fn.api_name): defaults for fn, defaults in _public(blocks)}
+
+
+def _public(blocks: Any) -> list[tuple[Any, list[Any]]]:
+    out = []
     for fn in blocks.fns.values():
         if not fn.api_name or getattr(fn, "api_visibility", "public") != "public":
             continue
-        out[str(fn.api_name)] = [getattr(block, "value", None) for block in fn.inputs]
+        out.append((fn, [getattr(block, "value", None) for block in fn.inputs]))
     return out
 
 
@@ -34,21 +39,33 @@ class ApiDefaults:
     def __init__(self, app: Any, blocks: Any):
         self.app = app
         self.blocks = blocks
-        self._defaults: dict[str, list[Any]] | None = None
+        self._by_name: dict[str, list[Any]] | None = None
+        self._by_id: dict[int, list[Any]] = {}
 
-    def _for(self, path: str) -> list[Any] | None:
-        head, sep, name = path.rstrip("/").rpartition("/call/")
-        if not sep or "/" in name or head.endswith("/call"):
+    def _defaults(self) -> dict[str, list[Any]]:
+        if self._by_name is None:
+            public = _public(self.blocks)
+            self._by_id = {fn._id: defaults for fn, defaults in public}
+            self._by_name = {str(fn.api_name): defaults for fn, defaults in public}
+        return self._by_name
+
+    def _for(self, path: str) -> list[Any] | dict[int, list[Any]] | None:
+        """The defaults for a call by name, all public endpoints' by id for a queue join, or None."""
+        path = path.rstrip("/")
+        if path.endswith("/queue/join"):
+            self._defaults()
+            return self._by_id
+        head, sep, name = path.rpartition("/call/")
+        if not sep or "/" in name:
             return None
-        if self._defaults is None:
-            self._defaults = api_defaults(self.blocks)
-        return self._defaults.get(name)
+        return self._defaults().get(name)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("method") != "POST" or "/call/" not in scope["path"]:
+        path = scope.get("path", "")  # a lifespan scope has none
+        if scope["type"] != "http" or scope.get("method") != "POST" or ("/call/" not in path and "/queue/" not in path):
             await self.app(scope, receive, send)
             return
-        defaults = self._for(scope["path"])
+        defaults = self._for(path)
         if not defaults:
             await self.app(scope, receive, send)
             return
@@ -79,11 +96,16 @@ class ApiDefaults:
         await self.app(scope, replay, send)
 
 
-def _pad(body: bytes, defaults: list[Any]) -> bytes:
+def _pad(body: bytes, defaults: list[Any] | dict[int, list[Any]]) -> bytes:
     try:
         payload = json.loads(body or b"{}")
     except ValueError:
         return body  # Gradio answers a broken body itself
+    if isinstance(defaults, dict):  # a queue join: the endpoint is its fn_index
+        fn = payload.get("fn_index") if isinstance(payload, dict) else None
+        defaults = defaults.get(fn) if isinstance(fn, int) else None
+        if not defaults:
+            return body
     data = payload.get("data") if isinstance(payload, dict) else None
     if not isinstance(data, list) or len(data) >= len(defaults):
         return body

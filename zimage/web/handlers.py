@@ -435,8 +435,9 @@ class Studio:
         lang = lang_of(request)
         space = self._space(request)
         path = (params or {}).get("_path") if isinstance(params, dict) else None
-        if confirmed != "yes":
-            return (gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip())
+        if confirmed != "yes":  # the answer was no: the parameters stay shown, and say so
+            shown = parameters_markdown(params, Path(path).name, lang) if path else ""
+            return (gr.skip(), f"{shown}  \n{t(lang, 'delete_kept')}", gr.skip(), gr.skip(), gr.skip(), gr.skip())
         if not path:
             note = t(lang, "delete_nothing")
         elif self.history_view.delete(path, space):
