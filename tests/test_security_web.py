@@ -139,7 +139,9 @@ def site(tmp_path_factory, tiny_dir):
     name = msg["output"]["data"][1]["files"][0]
     s.alice_png = server.outputs / "alice" / name
     assert s.alice_png.is_file()
-    r = direct(s.http["alice"], s.fn("history"), [], "alice-page")
+    r = direct(
+        s.http["alice"], s.fn("history"), ["", None], "alice-page"
+    )  # the search box (empty), and the page's count
     assert r.status_code == 200, r.text
     s.alice_shown = r.json()["data"][0][0]["image"]["path"]
     yield s
@@ -199,7 +201,7 @@ def test_own_uploads_and_images_still_work(site):
     assert r.status_code == 200, r.text
     r = direct(bob, site.fn("load_png"), [fd(r.json()[0])], "bob-load")
     assert r.status_code == 200, r.text
-    params_md, prompt = r.json()["data"][1:3]  # [0] is the page's State: it stays on the server
+    params_md, _shown, prompt = r.json()["data"][1:4]  # [0] is the page's State: it stays on the server
     assert "bob's fox" in params_md and prompt == "bob's fox"
     select = {"index": 0, "value": {"image": fd(site.alice_shown), "caption": "x"}, "selected": True}
     r = direct(site.http["alice"], site.fn("select_image"), [], "alice-page", select)
@@ -247,7 +249,7 @@ def test_bob_cannot_list_load_or_cancel_alices_work(site):
     bob, alice = site.http["bob"], site.http["alice"]
 
     def listed(http, session):
-        r = direct(http, site.fn("history"), [], session)
+        r = direct(http, site.fn("history"), ["", None], session)  # the search box (empty), and the page's count
         assert r.status_code == 200, r.text
         return [Path(item["image"]["orig_name"] or item["image"]["path"]).name for item in r.json()["data"][0]]
 
@@ -387,15 +389,19 @@ def test_handler_errors_are_sentences(site):
         r = direct(bob, fn, data, "bob-errors")
         assert r.status_code == 400 and message in r.json()["error"], (data, r.text)
         assert not any(leak in r.text for leak in LEAKS), r.text
+    # the API takes the prompt alone (the rest are the form's defaults); the page's own Generate
+    # needs every value, and says so in a sentence
     status, msg = queued(bob, site.fn("generate"), ["a cat"], "bob-few")
-    assert status == 200 and "This action takes 8 value(s) (prompt, negative prompt" in msg["output"]["error"]
-    assert not any(leak in json.dumps(msg) for leak in LEAKS)
+    assert status == 200 and msg["success"], msg
+    status, msg = queued(bob, site.fn("generate_ui"), ["a cat"], "bob-few")
+    assert status == 200 and "(prompt, negative prompt" in msg["output"]["error"], msg
+    assert "This action takes" in msg["output"]["error"] and not any(leak in json.dumps(msg) for leak in LEAKS)
     # malformed metadata in a dropped PNG: the fields that make sense, and a sentence for the rest
     meta = {"prompt": "a fox", "width": "abc", "height": 96, "steps": 2, "seed": 4}
     r = upload(bob, "odd.png", png_with_meta(site.work / "odd.png", meta).read_bytes())
     r = direct(bob, site.fn("load_png"), [fd(r.json()[0])], "bob-errors")
     assert r.status_code == 200, r.text
-    md, prompt, _negative, width, height, steps = r.json()["data"][1:7]
+    md, _shown, prompt, _negative, width, height, steps = r.json()["data"][1:8]
     assert (prompt, width, height, steps) == ("a fox", {"__type__": "update"}, 96, 2), r.json()["data"]
     assert "Left out what could not be read: width ('abc')" in md and "invalid literal" not in r.text
     # too few arguments from the API: every input has a default

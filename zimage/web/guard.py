@@ -354,7 +354,7 @@ _PYTHON_TYPE = re.compile(r" \(type: <class '[^']*'>\)")
 
 def _bad_values(block_fn: Any, inputs: Any) -> str:
     wanted = [b for b in getattr(block_fn, "inputs", []) if not getattr(b, "stateful", False)]
-    labels = ", ".join(str(getattr(b, "label", None) or type(b).__name__).lower() for b in wanted)
+    labels = ", ".join(_label(b).lower() for b in wanted)
     got = len(inputs) if isinstance(inputs, list) else 0
     if got < len(getattr(block_fn, "inputs", [])):
         return (
@@ -362,6 +362,17 @@ def _bad_values(block_fn: Any, inputs: Any) -> str:
             "(the API page lists them with their defaults)."
         )
     return f"The values sent could not be used: this action takes {len(wanted)} value(s) ({labels})."
+
+
+def _label(block: Any) -> str:
+    """A component's label in English (a label translated in the browser is an i18n key here)."""
+    label = getattr(block, "label", None)
+    key = getattr(label, "key", None) if label is not None and not isinstance(label, str) else None
+    if key:
+        from zimage.web.i18n import t
+
+        return t("en", key)
+    return str(label or type(block).__name__)
 
 
 _GRADIO_CHECK: Callable[..., None] | None = None

@@ -317,8 +317,15 @@ def parameters_markdown(params: dict[str, Any], name: str = "", lang: str = "en"
     shown = {k: v for k, v in (params or {}).items() if not k.startswith("_")}
     if not shown:
         return t(lang, "no_parameters", name=name) if name else ""
-    facts = [f"{t(lang, 'p_seed')} `{shown.get('seed')}`", f"`{shown.get('width')}×{shown.get('height')}`"]
-    facts += [f"{shown.get('steps')} {t(lang, 'p_steps')}", f"{t(lang, 'p_guidance')} {shown.get('guidance')}"]
+    facts = []  # only what the image says (a dropped PNG may carry some fields and not others)
+    if shown.get("seed") is not None:
+        facts.append(f"{t(lang, 'p_seed')} `{shown['seed']}`")
+    if shown.get("width") and shown.get("height"):
+        facts.append(f"`{shown['width']}×{shown['height']}`")
+    if shown.get("steps") is not None:
+        facts.append(f"{shown['steps']} {t(lang, 'p_steps')}")
+    if shown.get("guidance") is not None:
+        facts.append(f"{t(lang, 'p_guidance')} {shown['guidance']}")
     if shown.get("shift") is not None:
         facts.append(f"{t(lang, 'p_shift')} {shown['shift']}")
     for key, label in (("model", "p_model"), ("memory_mode", "p_mode"), ("device", "p_on")):
