@@ -22,7 +22,17 @@ LONG = dict(width=256, height=256, steps=50, count=2)  # several seconds on the 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_dir):
-    app = App(tmp_path_factory.mktemp("replicas"), tiny_dir, "--replicas", "2", "--queue-size", "16")
+    # five jobs from this one address at once: above the default per-user cap of 4
+    app = App(
+        tmp_path_factory.mktemp("replicas"),
+        tiny_dir,
+        "--replicas",
+        "2",
+        "--queue-size",
+        "16",
+        "--max-jobs-per-user",
+        "8",
+    )
     app.wait_ready(300)
     yield app
     app.stop()
