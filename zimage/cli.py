@@ -69,8 +69,12 @@ def main(argv: list[str] | None = None) -> int:
 
             return bench_main(ns.bench_args)
         settings = _settings(ns)
+        if ns.command == "serve":
+            from zimage.ops.operations import prepare_gradio_cache
+
+            prepare_gradio_cache(settings.gradio_cache_dir)  # before Gradio is imported: it reads it then
     except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     logging.basicConfig(
         level=getattr(logging, settings.log_level),
@@ -88,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         return _doctor(settings)
     parser.print_help()
     return EXIT_BAD_INPUT
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 def _generate(ns: argparse.Namespace, settings: Settings) -> int:

@@ -50,6 +50,10 @@ class ShuttingDown(ZImageError):
     """The process is stopping and takes no new jobs."""
 
 
+class NoSpace(ZImageError):
+    """The outputs folder's disk is below the free space zimage keeps (min_free_mib): no new jobs."""
+
+
 class OutOfMemory(ZImageError):
     """The GPU ran out of memory and the fallback did not help either."""
 

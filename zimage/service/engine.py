@@ -15,7 +15,16 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from zimage.errors import Cancelled, GenerationFailed, InvalidRequest, NotReady, OutOfMemory, ShuttingDown, ZImageError
+from zimage.errors import (
+    Cancelled,
+    GenerationFailed,
+    InvalidRequest,
+    NoSpace,
+    NotReady,
+    OutOfMemory,
+    ShuttingDown,
+    ZImageError,
+)
 from zimage.model.pipeline import LoadedModel, load_model
 from zimage.model.presets import model_preset, parse_size
 from zimage.ops.metrics import EngineMetrics
@@ -24,7 +33,7 @@ from zimage.service.jobs import Admission, Job
 from zimage.service.request import GenerationRequest, Limits, resolve_seed, validate
 from zimage.service.result import GenerationResult
 from zimage.service.runner import ProgressFn, Runner
-from zimage.service.store import OutputStore
+from zimage.service.store import MiB, OutputStore, SaveReport, write_problem
 from zimage.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,7 +49,12 @@ class Engine:
         self.timeline = LoadTimeline()
         self.metrics = EngineMetrics()
         self.recent = RecentJobs()
-        self.store = OutputStore(settings.outputs_dir, settings.png_metadata, settings.png_compress_level)
+        self.store = OutputStore(
+            settings.outputs_dir,
+            settings.png_metadata,
+            settings.png_compress_level,
+            min_free_bytes=settings.min_free_mib * MiB,
+        )
         self.started = time.time()
         self.model: LoadedModel | None = None
         self.runner: Runner | None = None
@@ -174,6 +188,8 @@ class Engine:
         try:
             req = validate(request, self.limits)
             self._admit(wait_ready)
+            if save:
+                self.store.check_space()  # a full disk refuses the job before the GPU works for nothing
             req = replace(req, seed=resolve_seed(req.seed))
             job.total = req.steps
             with self.admission.turn(job):
@@ -185,18 +201,12 @@ class Engine:
         except BaseException as exc:  # noqa: BLE001 - accounted for, then raised as a user-facing error
             raise self._failed(req, job, exc) from (None if isinstance(exc, ZImageError) else exc)
         job.state = "done"
-        self._count_ok(result, queue_wait)
+        self._count_made(result, queue_wait)
         if save:
             metas = [result.metadata(seed) for seed in result.seeds]
-
-            def saved(paths: list[str], seconds: float) -> None:
-                result.timings.png = seconds
-                result.paths = paths
-                self.metrics.stage.labels("png").observe(seconds)
-                self._log_request(req, result, "ok", None)
-
-            result._saved = self.store.save_async(result.images, metas, saved)
+            result._saved = self.store.save_async(result.images, metas, lambda report: self._saved(req, result, report))
         else:
+            self.metrics.requests.labels("ok").inc()
             self._log_request(req, result, "ok", None)
         self.recent.add(result.summary())
         self._notify(result, None)
@@ -222,7 +232,7 @@ class Engine:
         job.state = "cancelled" if outcome == "cancelled" else "failed"
         self.metrics.requests.labels(outcome).inc()
         self._log_request(req, None, outcome, error)
-        if outcome in ("invalid", "unready"):  # refused before it ran: no job listener cares
+        if outcome in ("invalid", "unready", "nospace"):  # refused before it ran: no job listener cares
             return error
         if outcome != "rejected":
             self._notify(None, error)
@@ -231,9 +241,36 @@ class Engine:
         log.error("generation failed", exc_info=error)
         return GenerationFailed(f"Generation failed: {type(error).__name__}: {str(error)[:300]}")
 
-    def _count_ok(self, result: GenerationResult, queue_wait: float) -> None:
+    def _saved(self, req: GenerationRequest, result: GenerationResult, report: SaveReport) -> None:
+        """On the writer thread, once the PNGs are written (or not): the request's outcome is
+        counted and logged here, 'unsaved' when a file could not be written."""
+        result.timings.png = report.seconds
+        result.paths = report.paths
+        self.metrics.stage.labels("png").observe(report.seconds)
+        if report.error is None:
+            self.metrics.requests.labels("ok").inc()
+            self._log_request(req, result, "ok", None)
+            return
+        result.unsaved = report.unsaved
+        n, total = len(report.unsaved), len(result.images)
+        which = (
+            "The image was"
+            if total == 1
+            else ("None of the images were" if n == total else f"{n} of {total} images were")
+        )
+        them = "it" if n == 1 else "them"
+        result.save_error = (
+            f"Not saved: {which} made but could not be written to the outputs folder, because "
+            f"{write_problem(report.error)}. Download {them} from the result now: the page keeps "
+            f"{them} only for a few hours."
+        )
+        result.notes.append(result.save_error)
+        self.metrics.requests.labels("unsaved").inc()
+        self._log_request(req, result, "unsaved", report.error)
+
+    def _count_made(self, result: GenerationResult, queue_wait: float) -> None:
+        """The job's numbers once its images exist; its outcome is counted when they are saved."""
         t = result.timings
-        self.metrics.requests.labels("ok").inc()
         self.metrics.latency.observe(t.gpu_total)
         self.metrics.queue_wait.observe(queue_wait)
         self.metrics.images.inc(len(result.images))
@@ -255,6 +292,8 @@ class Engine:
         # Every request gets its line, the ones that never ran too (invalid, refused while shutting
         # down or loading, cancelled in the queue); %s because an invalid request may hold any value.
         times = result.timings.summary() if result else f"error: {str(error)[:200]}"
+        if result is not None and error is not None:
+            times += f", save error: {str(error)[:200]}"
         log.info(
             "request user=%s size=%sx%s steps=%s count=%s seed=%s outcome=%s %s",
             req.user or "-",
@@ -267,7 +306,16 @@ class Engine:
             times,
         )
 
+    def storage(self):
+        """The outputs folder's state (store.StorageState), also published in /metrics."""
+        state = self.store.state()
+        if state.free_bytes is not None:
+            self.metrics.outputs_free.set(state.free_bytes)
+        self.metrics.storage_ok.set(1 if state.ok else 0)
+        return state
+
     def _refresh_metrics(self) -> None:
+        self.storage()
         self.metrics.queue_depth.set(self.admission.waiting)
         self.metrics.running.set(1 if self.admission.running else 0)
         snap = memory_snapshot()
@@ -318,4 +366,5 @@ _OUTCOMES: dict[type, str] = {
     ShuttingDown: "rejected",
     Cancelled: "cancelled",
     OutOfMemory: "oom",
+    NoSpace: "nospace",
 }

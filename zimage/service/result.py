@@ -68,6 +68,9 @@ class GenerationResult:
     started_at: float = 0.0  # wall clock when the job got the GPU (its date in history and metadata)
     paths: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # e.g. "retried with VAE tiling after OOM"
+    # Images made but not written (disk full, read-only...): store.UnsavedImage, PNG bytes kept
+    unsaved: list[Any] = field(default_factory=list)
+    save_error: str | None = None  # the sentence that tells the user why they were not saved
     _saved: Any = None  # concurrent.futures.Future[list[str]] while the PNGs are written
 
     def wait_saved(self, timeout: float | None = None) -> list[str]:
@@ -124,6 +127,9 @@ class GenerationResult:
             "prompt": r.prompt,
             "negative_prompt": r.negative_prompt,
             "files": [Path(p).name for p in self.paths],
+            "saved": not self.unsaved,
+            "unsaved": [u.name for u in self.unsaved],
+            "save_error": self.save_error,
             "model": self.model,
             "memory_mode": str(self.memory_mode),
             "device": self.device,

@@ -18,7 +18,7 @@ import gradio as gr
 
 from zimage.errors import ZImageError
 from zimage.service.request import GenerationRequest
-from zimage.service.store import read_parameters
+from zimage.service.store import read_parameters, write_problem
 from zimage.web.panels import _s, history_items, parameters_markdown, render_banner, render_profiler, summary_markdown
 from zimage.web.sizes import CUSTOM, match_preset, preset_size, size_note, size_tiers
 
@@ -134,7 +134,7 @@ class Studio:
         with self._jobs_lock:
             self._jobs[session] = job
         try:
-            return await anyio.to_thread.run_sync(
+            gallery, details = await anyio.to_thread.run_sync(
                 self._generate,
                 job,
                 FormValues(prompt, negative_prompt, width, height, steps, guidance, seed, count),
@@ -142,6 +142,9 @@ class Studio:
                 progress,
                 abandon_on_cancel=True,
             )
+            if details.get("save_error"):
+                gr.Warning(details["save_error"], duration=None)  # stays until closed; the summary repeats it
+            return gallery, details
         except anyio.get_cancelled_exc_class():
             job.cancel()
             raise
@@ -167,8 +170,7 @@ class Studio:
             log.exception("generate failed")
             raise gr.Error(INTERNAL_ERROR, print_exception=False) from None
         details = result.details()
-        gallery = [(p, f"seed {s}") for p, s in zip(paths, result.seeds)]
-        return gallery, details
+        return _gallery(result, paths, details), details
 
     def _wait_for_model(self, progress: gr.Progress, job: Any) -> None:
         """A request made while loading holds its place and says what the model is doing."""
@@ -320,6 +322,31 @@ class Studio:
             return len(queue) if queue is not None else 0
         except Exception:  # noqa: BLE001 - Gradio internals; a reading must never break the panel
             return 0
+
+
+def _gallery(result: Any, paths: list[str], details: dict[str, Any]) -> list[tuple[str, str]]:
+    """The result's images in order: saved ones from the outputs folder; ones that could not be
+    saved (disk full, read-only) from their PNG bytes, put in Gradio's cache (zimage's own
+    folder) so the user still sees and downloads them."""
+    from gradio.processing_utils import save_bytes_to_cache
+    from gradio.utils import get_upload_folder
+
+    unsaved = {u.index: u for u in result.unsaved}
+    saved = iter(paths)
+    items: list[tuple[str, str]] = []
+    for i, seed in enumerate(result.seeds):
+        image = unsaved.get(i)
+        if image is None:
+            items.append((next(saved), f"seed {seed}"))
+            continue
+        try:
+            items.append((save_bytes_to_cache(image.data, image.name, get_upload_folder()), f"seed {seed} · not saved"))
+        except OSError as exc:
+            log.error("could not keep unsaved image %s in Gradio's cache either: %s", image.name, exc)
+            details["save_error"] = (
+                f"{details['save_error']} Some could not be kept for download either, because {write_problem(exc)}."
+            )
+    return items
 
 
 def _number(value: Any, default: int | None = None) -> Any:

@@ -101,10 +101,10 @@ class _Inputs:
     negative: gr.Textbox
     width: gr.Number
     height: gr.Number
-    steps: gr.Slider
+    steps: gr.Slider | gr.Number
     guidance: gr.Slider
     seed: gr.Number
-    count: gr.Slider
+    count: gr.Slider | gr.Number
 
     def as_list(self) -> list[gr.components.Component]:
         return [self.prompt, self.negative, self.width, self.height, self.steps, self.guidance, self.seed, self.count]
@@ -195,12 +195,10 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
                     with gr.Row(elem_id="zi-seed-buttons"):
                         random_btn = gr.Button("Random (-1)", size="sm", elem_id="zi-seed-random")
                         reuse_btn = gr.Button("♻ Reuse last", size="sm", elem_id="zi-seed-reuse")
-                    steps = gr.Slider(
+                    steps = _whole_slider(
                         1,
                         settings.max_steps,
-                        value=settings.default_steps,
-                        step=1,
-                        precision=0,
+                        settings.default_steps,
                         label="Steps",
                         info=f"Z-Image-Turbo is distilled for {preset.default_steps} steps.",
                         elem_id="zi-steps",
@@ -214,12 +212,10 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
                         info="0 = off, the Turbo default. Above 0 the negative prompt is used.",
                         elem_id="zi-guidance",
                     )
-                    count = gr.Slider(
+                    count = _whole_slider(
                         1,
                         settings.max_count,
-                        value=1,
-                        step=1,
-                        precision=0,
+                        1,
                         label="Images",
                         info="Seeds s, s+1, … (image i equals a single run with seed s+i).",
                         elem_id="zi-count",
@@ -369,6 +365,21 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
 
     demo.queue(max_size=settings.queue_size, api_open=False, default_concurrency_limit=1)
     return demo
+
+
+def _whole_slider(lo: int, hi: int, value: int, label: str, info: str, elem_id: str) -> gr.Slider | gr.Number:
+    """A slider of whole numbers; a fixed, read-only number when the settings leave one choice
+    (max_count 1, max_steps 1): Gradio refuses a slider whose minimum equals its maximum."""
+    if lo >= hi:
+        return gr.Number(
+            value=lo,
+            precision=0,
+            interactive=False,
+            label=label,
+            info=f"{info} This server allows only {lo}.",
+            elem_id=elem_id,
+        )
+    return gr.Slider(lo, hi, value=value, step=1, precision=0, label=label, info=info, elem_id=elem_id)
 
 
 def _neg_kwargs(update: dict[str, Any]) -> dict[str, Any]:
