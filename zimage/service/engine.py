@@ -253,16 +253,18 @@ class Engine:
             return
         result.unsaved = report.unsaved
         n, total = len(report.unsaved), len(result.images)
-        which = (
-            "The image was"
-            if total == 1
-            else ("None of the images were" if n == total else f"{n} of {total} images were")
-        )
-        them = "it" if n == 1 else "them"
+        why = write_problem(report.error)
+        it = "it" if n == 1 else "them"
+        if total == 1:
+            what = f"the image was made, but it could not be written to the outputs folder because {why}"
+        elif n == total:
+            what = f"the {total} images were made, but they could not be written to the outputs folder because {why}"
+        else:
+            what = (
+                f"{n} of the {total} images could not be written to the outputs folder because {why} (the others were)"
+            )
         result.save_error = (
-            f"Not saved: {which} made but could not be written to the outputs folder, because "
-            f"{write_problem(report.error)}. Download {them} from the result now: the page keeps "
-            f"{them} only for a few hours."
+            f"Not saved: {what}. Download {it} from the result now: the page keeps {it} only for a few hours."
         )
         result.notes.append(result.save_error)
         self.metrics.requests.labels("unsaved").inc()
