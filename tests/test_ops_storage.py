@@ -229,8 +229,16 @@ def test_a_read_only_outputs_folder_still_gives_the_image(disk, client):
         status == 503 and body["reason"] == f"outputs folder {disk.outputs} cannot be written (read-only file system)"
     )
     assert metric(disk, "zimage_storage_ok") == 0
-    gallery, details = generate(client, seed=21)
+    job = client.submit("a lighthouse", "", 64, 64, 2, 0.0, 21, 1, api_name="/generate")
+    gallery, details = job.result(timeout=120)
     check_unsaved(disk, gallery, details, [21], [21])
+    updates = job.communicator.updates  # everything the server streamed for this job, the toasts too
+    toasts = []
+    while not updates.empty():
+        log = getattr(updates.get_nowait(), "log", None)
+        if log:
+            toasts.append(log)
+    assert (details["save_error"], "warning") in toasts, toasts
     assert "because the folder is on a read-only file system." in details["save_error"]
     assert outcome(disk, "unsaved") == unsaved + 1
     assert "seed=21 outcome=unsaved" in disk.log()
