@@ -307,6 +307,17 @@ def test_stop_is_prompt_and_zero_means_never(tmp_path):
     assert not never.start() and not never.running and never.status()["enabled"] is False
 
 
+def test_an_endless_interval_does_not_kill_the_thread(tmp_path):
+    """Event.wait(inf) raises OverflowError: the thread used to die after its first run, the app running on."""
+    purger = Purger(tmp_path, policy=PurgePolicy(max_age_s=HOUR), every_s=float("inf"))
+    assert purger.start()
+    _wait(lambda: purger.next_run is not None)  # the first run is done; now it waits
+    purger._thread.join(timeout=0.5)
+    assert purger.running
+    purger.stop()
+    assert not purger.running
+
+
 @pytest.mark.parametrize(
     "ages, sizes, policy, expected",
     [

@@ -102,7 +102,7 @@ def _generate(ns: argparse.Namespace, settings: Settings) -> int:
     from zimage.errors import InvalidRequest, ModelNotFound, ZImageError
     from zimage.service.engine import Engine
     from zimage.service.request import GenerationRequest, validate
-    from zimage.service.store import write_png
+    from zimage.service.store import write_png, write_problem
 
     # Validate what the user typed before paying for the model.
     engine = Engine(settings.replace(warmup=False))
@@ -149,7 +149,11 @@ def _generate(ns: argparse.Namespace, settings: Settings) -> int:
     for i, (image, seed) in enumerate(zip(result.images, result.seeds)):
         path = output if len(result.images) == 1 else output.with_name(f"{output.stem}-{i + 1}{output.suffix}")
         meta = result.metadata(seed) if settings.png_metadata else None
-        write_png(image, path, meta, settings.png_compress_level)
+        try:
+            write_png(image, path, meta, settings.png_compress_level)
+        except OSError as exc:
+            print(f"error: Could not write {path}: {write_problem(exc)}.", file=sys.stderr)
+            return EXIT_FAILED
         paths.append(path)
     result.timings.png = time.perf_counter() - t0
     result.paths = [str(p) for p in paths]

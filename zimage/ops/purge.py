@@ -202,13 +202,16 @@ class Purger:
         return self._thread is not None and self._thread.is_alive()
 
     def _loop(self) -> None:
+        # Settings refuse an infinite or huge interval; the cap keeps Event.wait from raising (and the
+        # thread from dying while the app runs on) whatever a caller passes.
+        every_s = min(self.every_s, threading.TIMEOUT_MAX)
         while not self._stop.is_set():
             try:
                 self.run_once()
             except Exception:  # noqa: BLE001 - run_once records its own errors; this is the last net
                 log.exception("purge: unexpected error outside a run")
-            self.next_run = time.time() + self.every_s
-            if self._stop.wait(self.every_s):
+            self.next_run = time.time() + every_s
+            if self._stop.wait(every_s):
                 break
 
     # ------------------------------------------------------------------------------------

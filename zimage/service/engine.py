@@ -64,6 +64,7 @@ class Engine:
         self._loading: threading.Thread | None = None
         self._loading_lock = threading.Lock()
         self._images_made = 0
+        self._handoffs = _Counter()
         self.metrics.on_scrape(self._refresh_metrics)
 
     # --- what is loaded (None until then) -------------------------------------------------
@@ -185,6 +186,7 @@ class Engine:
         job = job or self.new_job()
         t_request = time.perf_counter()
         req = request
+        handing_off = False
         try:
             req = validate(request, self.limits)
             self._admit(wait_ready)
@@ -193,21 +195,32 @@ class Engine:
             req = replace(req, seed=resolve_seed(req.seed))
             job.total = req.steps
             with self.admission.turn(job):
+                # From the GPU until its images are with the writer: shutdown waits for this
+                # before it closes the writer, so an image finished as the drain ends is still saved.
+                self._handoffs.begin()
+                handing_off = True
                 queue_wait = time.perf_counter() - t_request
                 started_at = time.time()
                 result = self.runner.run_with_fallback(req, job, progress)
             result.timings.queue_wait = queue_wait
             result.started_at = started_at
         except BaseException as exc:  # noqa: BLE001 - accounted for, then raised as a user-facing error
+            if handing_off:
+                self._handoffs.end()
             raise self._failed(req, job, exc) from (None if isinstance(exc, ZImageError) else exc)
-        job.state = "done"
-        self._count_made(result, queue_wait)
-        if save:
-            metas = [result.metadata(seed) for seed in result.seeds]
-            result._saved = self.store.save_async(result.images, metas, lambda report: self._saved(req, result, report))
-        else:
-            self.metrics.requests.labels("ok").inc()
-            self._log_request(req, result, "ok", None)
+        try:
+            job.state = "done"
+            self._count_made(result, queue_wait)
+            if save:
+                metas = [result.metadata(seed) for seed in result.seeds]
+                result._saved = self.store.save_async(
+                    result.images, metas, lambda report: self._saved(req, result, report)
+                )
+            else:
+                self.metrics.requests.labels("ok").inc()
+                self._log_request(req, result, "ok", None)
+        finally:
+            self._handoffs.end()
         self.recent.add(result.summary())
         self._notify(result, None)
         return result
@@ -358,8 +371,34 @@ class Engine:
 
         Returns True when the running job finished on its own."""
         finished = self.admission.drain(grace_s)
+        if not self._handoffs.wait_idle(HANDOFF_WAIT_S):
+            log.warning("shutdown: a finished job did not reach the PNG writer within %.0fs", HANDOFF_WAIT_S)
         self.store.close(wait=True)
         return finished
+
+
+HANDOFF_WAIT_S = 30.0  # at shutdown: the most a job past the GPU may take to hand its images to the writer
+
+
+class _Counter:
+    """How many jobs are between the GPU and the PNG writer; wait_idle() until none is."""
+
+    def __init__(self) -> None:
+        self._n = 0
+        self._cv = threading.Condition()
+
+    def begin(self) -> None:
+        with self._cv:
+            self._n += 1
+
+    def end(self) -> None:
+        with self._cv:
+            self._n -= 1
+            self._cv.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._cv:
+            return self._cv.wait_for(lambda: self._n == 0, timeout)
 
 
 _OUTCOMES: dict[type, str] = {

@@ -135,6 +135,7 @@ _WHY = {
     errno.EIO: "the disk reported an input/output error",
     errno.ENOENT: "the folder does not exist",
     errno.ENOTDIR: "the outputs path is not a folder",
+    errno.EEXIST: "a file stands where the folder should be",
 }
 
 
@@ -387,7 +388,15 @@ class OutputStore:
                 with self._pending_lock:
                     self._pending -= 1
 
-        return self._pool.submit(job)
+        try:
+            return self._pool.submit(job)
+        except RuntimeError:  # closed (shutting down): write here and now rather than lose the images
+            done: Future = Future()
+            try:
+                done.set_result(job())
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiter, as the pool would
+                done.set_exception(exc)
+            return done
 
     @property
     def pending(self) -> int:
