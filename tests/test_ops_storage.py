@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_ops_support import START_TIMEOUT, app_args, app_env, free_port, http_get, kill_group, wait_until
+from .support import START_TIMEOUT, app_args, app_env, free_port, http_get, kill_group, metric, status_of, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -52,13 +52,15 @@ class DiskServer:
         cmd += [sys.executable, *app_args(self.port, tiny_dir, self.outputs)]
         with open(self.log_path, "wb") as log:
             # unshare and sh exec: the app keeps this pid, and its namespace is /proc/<pid>
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env)
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env, start_new_session=True
+            )
         self.seen = Path(f"/proc/{self.proc.pid}/root") / self.outputs.relative_to("/")
         wait_until(self._ready_or_dead, START_TIMEOUT, "the server's /ready")
 
     def _ready_or_dead(self) -> bool:
         assert self.proc.poll() is None, f"server exited {self.proc.returncode}:\n{self.log()[-3000:]}"
-        return http_get(self.url + "/ready")[0] == 200
+        return status_of(self.url + "/ready") == 200
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -95,7 +97,7 @@ class DiskServer:
             try:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
-                kill_group(os.getpgid(self.proc.pid))
+                kill_group(self.proc.pid)  # its own session: the app and nothing else
                 self.proc.wait(10)
 
 
@@ -127,25 +129,19 @@ def generate(client, size=64, seed=1, count=1):
     return client.predict("a lighthouse", "", size, size, 2, 0.0, seed, count, api_name="/generate")
 
 
-def metric(disk, name: str, labels: dict | None = None) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(http_get(disk.url + "/metrics")[1]):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
-                return sample.value
-    raise AssertionError(f"{name} {labels} not in /metrics")
+def value(disk, name: str, labels: dict | None = None) -> float:
+    found = metric(disk.url, name, labels)
+    assert found is not None, f"{name} {labels} not in /metrics"
+    return found
 
 
 def outcome(disk, label: str) -> float:
-    return metric(disk, "zimage_requests_total", {"outcome": label})
+    return value(disk, "zimage_requests_total", {"outcome": label})
 
 
 def ready(disk) -> tuple[int, dict]:
-    import json
-
-    status, body = http_get(disk.url + "/ready")
-    return status, json.loads(body)
+    r = http_get(disk.url + "/ready")
+    return r.status_code, r.json()
 
 
 def check_unsaved(disk, gallery, details, seeds: list[int], unsaved: list[int]) -> None:
@@ -177,7 +173,7 @@ def test_a_full_disk_refuses_new_jobs_clearly_and_ready_says_so(disk, client):
     status, body = ready(disk)
     assert status == 503 and f"outputs folder {disk.outputs}" in body["reason"]
     assert "below min_free_mib (1 MiB); new jobs are refused" in body["reason"]
-    assert metric(disk, "zimage_storage_ok") == 0 and metric(disk, "zimage_outputs_free_bytes") < MiB
+    assert value(disk, "zimage_storage_ok") == 0 and value(disk, "zimage_outputs_free_bytes") < MiB
     with pytest.raises(AppError) as info:
         generate(client, seed=2)
     message = str(info.value)
@@ -187,7 +183,7 @@ def test_a_full_disk_refuses_new_jobs_clearly_and_ready_says_so(disk, client):
     assert "seed=2 outcome=nospace" in disk.log()
     # space comes back: ready again, and the next request works and is saved
     disk.empty()
-    assert ready(disk)[0] == 200 and metric(disk, "zimage_storage_ok") == 1
+    assert ready(disk)[0] == 200 and value(disk, "zimage_storage_ok") == 1
     pngs = disk.pngs()
     _gallery, details = generate(client, seed=3)
     assert details["saved"] is True and details["save_error"] is None
@@ -228,7 +224,7 @@ def test_a_read_only_outputs_folder_still_gives_the_image(disk, client):
     assert (
         status == 503 and body["reason"] == f"outputs folder {disk.outputs} cannot be written (read-only file system)"
     )
-    assert metric(disk, "zimage_storage_ok") == 0
+    assert value(disk, "zimage_storage_ok") == 0
     job = client.submit("a lighthouse", "", 64, 64, 2, 0.0, 21, 1, api_name="/generate")
     gallery, details = job.result(timeout=120)
     check_unsaved(disk, gallery, details, [21], [21])
