@@ -71,13 +71,21 @@ def test_a_save_after_close_is_written_here_and_now(tmp_path):
     assert seen[0].paths == [path] and store.pending == 0
 
 
-def test_the_engine_counts_and_logs_an_unsaved_request(make_settings, tmp_path, caplog):
+@pytest.fixture(scope="module")
+def own_engine(make_settings, tmp_path_factory):
+    """An engine of this module's own (the last test shuts it down), outputs in a folder of its own."""
     from zimage.service.engine import Engine
 
-    blocker = tmp_path / "outputs"
-    blocker.write_text("not a folder")
-    engine = Engine(make_settings(outputs_dir=str(blocker)))
+    engine = Engine(make_settings(outputs_dir=str(tmp_path_factory.mktemp("saving") / "outputs")))
     engine.load()
+    yield engine
+    engine.shutdown(grace_s=5)
+
+
+def test_the_engine_counts_and_logs_an_unsaved_request(own_engine, caplog):
+    engine = own_engine
+    blocker = engine.store.folder
+    blocker.write_text("not a folder")
     try:
         with caplog.at_level(logging.INFO, logger="zimage.service.engine"):
             result = engine.generate(engine.default_request("a cat", width=64, height=64, steps=2, seed=5, count=2))
@@ -95,16 +103,15 @@ def test_the_engine_counts_and_logs_an_unsaved_request(make_settings, tmp_path, 
         text = engine.metrics.render().decode()
         assert "zimage_storage_ok 0.0" in text
     finally:
-        engine.shutdown(grace_s=5)
+        blocker.unlink()
+    assert "zimage_storage_ok 1.0" in engine.metrics.render().decode()  # the folder can be made again
 
 
-def test_shutdown_saves_an_image_finished_as_the_drain_ends(make_settings, tmp_path):
+def test_shutdown_saves_an_image_finished_as_the_drain_ends(own_engine):
     """The drain cancels the running job after its grace, but the job is past its last step: it
     finishes, and shutdown waits for its image to reach the writer before closing it."""
-    from zimage.service.engine import Engine
-
-    engine = Engine(make_settings(outputs_dir=str(tmp_path / "out")))
-    engine.load()
+    engine = own_engine
+    ok = engine.metrics.requests.labels("ok")._value.get()
     job = engine.new_job()
     stopper: list[threading.Thread] = []
 
@@ -132,5 +139,5 @@ def test_shutdown_saves_an_image_finished_as_the_drain_ends(make_settings, tmp_p
     stopper[0].join(60)
     assert not stopper[0].is_alive()
     (path,) = result.wait_saved(0)  # written before shutdown returned
-    assert path.endswith("-seed9.png") and (tmp_path / "out" / path.split("/")[-1]).is_file()
-    assert engine.metrics.requests.labels("ok")._value.get() == 1
+    assert path.endswith("-seed9.png") and (engine.store.folder / path.split("/")[-1]).is_file()
+    assert engine.metrics.requests.labels("ok")._value.get() == ok + 1
