@@ -122,6 +122,9 @@ def test_shutdown_saves_an_image_finished_as_the_drain_ends(own_engine):
         def __init__(self, histogram):
             self.histogram = histogram
 
+        def labels(self, *names):
+            return PauseAfterGpu(self.histogram.labels(*names))
+
         def observe(self, value):
             stopper[0].join(3)
             self.histogram.observe(value)

@@ -6,7 +6,8 @@ It deletes files on a box nobody watches for weeks, so safety comes before every
   symlinks, so neither a symlink inside nor a folder later swapped for a symlink can lead it
   outside;
 - in the outputs folder only regular files named the way ``store.output_name`` names them
-  are candidates: a mis-set ``outputs_dir`` (".", a home folder) costs nobody their files;
+  are candidates, there and one level down in the users' folders (``outputs/<user>/``): a
+  mis-set ``outputs_dir`` (".", a home folder) costs nobody their files;
 - in Gradio's cache only regular files one level down, inside the hash-named folders Gradio
   makes (``<cache>/<sha256>/<name>``), are candidates;
 - hidden files (Gradio's ``.name.xxxx`` staging copies) and files modified in the last few
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zimage.service.store import is_output_name, is_temp_name, temp_writer_pid
+from zimage.service.store import is_output_name, is_temp_name, is_user_folder_name, temp_writer_pid
 from zimage.units import human_bytes
 
 log = logging.getLogger(__name__)
@@ -375,32 +376,68 @@ class Purger:
 
 
 def _scan_outputs(root_fd: int) -> list[FileInfo]:
+    """Outputs in the folder and in each user's folder (one level down, never through a link)."""
     files = []
+    users = []
     with os.scandir(root_fd) as it:
         for entry in it:
-            if not is_output_name(entry.name):
-                continue
-            info = _regular(entry.name, root_fd, entry.name)
-            if info is not None:
-                files.append(info)
+            if is_output_name(entry.name):
+                info = _regular(entry.name, root_fd, entry.name)
+                if info is not None:
+                    files.append(info)
+            elif is_user_folder_name(entry.name) and entry.is_dir(follow_symlinks=False):
+                users.append(entry.name)
+    for user in users:
+        try:
+            sub_fd = os.open(user, _DIR_FLAGS, dir_fd=root_fd)
+        except OSError:
+            continue  # gone, or a link
+        try:
+            with os.scandir(sub_fd) as it:
+                names = [e.name for e in it if is_output_name(e.name)]
+            for name in names:
+                info = _regular(name, sub_fd, f"{user}/{name}")
+                if info is not None:
+                    files.append(info)
+        finally:
+            os.close(sub_fd)
     return files
 
 
 def _scan_temp(root_fd: int, now: float, fresh_s: float) -> list[FileInfo]:
-    """The store's temp files that no write will finish: old, or their writer process is gone."""
+    """The store's temp files that no write will finish (old, or their writer process is gone),
+    in the outputs folder and one level down in the users' folders (never through a link)."""
     stale = []
     with os.scandir(root_fd) as it:
-        names = [e.name for e in it if is_temp_name(e.name)]
-    for name in names:
-        try:
-            st = os.stat(name, dir_fd=root_fd, follow_symlinks=False)
-        except OSError:
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            continue
-        age = now - st.st_mtime
-        if age >= STALE_TMP_S or (age >= fresh_s and not _alive(temp_writer_pid(name))):
-            stale.append(FileInfo(name, st.st_size, st.st_mtime, st.st_ino, st.st_dev))
+        entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+    folders = [("", root_fd, [n for n, _ in entries])]
+    opened = []
+    try:
+        for name, is_dir in entries:
+            if is_dir and is_user_folder_name(name):
+                try:
+                    sub_fd = os.open(name, _DIR_FLAGS, dir_fd=root_fd)
+                except OSError:
+                    continue  # gone, or a link
+                opened.append(sub_fd)
+                with os.scandir(sub_fd) as it:
+                    folders.append((name + "/", sub_fd, [e.name for e in it]))
+        for prefix, fd, names in folders:
+            for name in names:
+                if not is_temp_name(name):
+                    continue
+                try:
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                except OSError:
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                age = now - st.st_mtime
+                if age >= STALE_TMP_S or (age >= fresh_s and not _alive(temp_writer_pid(name))):
+                    stale.append(FileInfo(prefix + name, st.st_size, st.st_mtime, st.st_ino, st.st_dev))
+    finally:
+        for fd in opened:
+            os.close(fd)
     return stale
 
 
