@@ -70,7 +70,7 @@ def test_gpus_and_a_number_pick_the_gpus():
         ({"gpus": "0", "replicas": "2"}, "selects only 1 GPU"),
         ({"gpus": "0,1", "device": "cuda:0"}, "set only one"),
         ({"replicas": "2", "memory_mode": "multi-gpu"}, "use one or the other"),
-        ({"load_aware_queue": "-1"}, "'load_aware_queue' must be 0"),
+        ({"load_aware_queue": "-1"}, "'load_aware_queue' must be at least 0"),
         ({"load_aware_min_steps": "0"}, "'load_aware_min_steps' must be within"),
     ],
 )

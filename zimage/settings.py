@@ -498,8 +498,6 @@ def _check_gpus(s: Settings) -> None:
             f"Setting 'replicas' is {s.replicas} but memory_mode multi-gpu splits one pipeline over the GPUs; "
             "use one or the other."
         )
-    if s.load_aware_queue < 0:
-        raise SettingsError(f"Setting 'load_aware_queue' must be 0 (off) or more (got {s.load_aware_queue}).")
     # only in use when load_aware_queue is on: its default (4) must not refuse max_steps 1 otherwise
     if s.load_aware_min_steps < 1 or (s.load_aware_queue and s.load_aware_min_steps > s.max_steps):
         raise SettingsError(
