@@ -655,6 +655,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("probe", parents=[common], help="Weight-read throughput.")
     sub.add_parser("explore", parents=[common], help="Stage options in one process.")
     sub.add_parser("table", parents=[common], help="Print the table of a results JSON (--model is the file).")
+    sub.add_parser("preview", parents=[common], help="What the live preview adds to a step (zimage/bench/preview.py).")
     return p
 
 
@@ -684,5 +685,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "explore":
         _emit(explore(args))
+        return 0
+    if args.cmd == "preview":
+        from zimage.bench.preview import bench_preview
+
+        _emit(bench_preview(args))
         return 0
     return 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -124,32 +125,47 @@ def read_parameters_checked(source: str | Path | IO[bytes]) -> tuple[dict[str, A
     return clean_parameters(raw if isinstance(raw, dict) else {})
 
 
-def _parse_parameters_text(text: str) -> dict[str, Any]:
-    """A1111's layout back to fields; values stay text here (clean_parameters types them)."""
+# One "Key: value" of A1111's last line; a value with commas is quoted ("a: 1, b: 2").
+_A1111_PARAM = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_NEGATIVE = "Negative prompt:"
+_A1111_FIELDS = {"steps": "steps", "cfg scale": "guidance", "seed": "seed", "shift": "shift", "model": "model"}
+
+
+def parse_a1111(text: str) -> dict[str, Any]:
+    """Our fields from the `parameters` text that AUTOMATIC1111, Forge, Fooocus (A1111 mode) and zimage
+    write: prompt lines, "Negative prompt: ..." lines, then one "Steps: 20, Sampler: ..., Seed: 1" line
+    (values quoted when they hold commas). Values stay text (clean_parameters types and checks them);
+    keys we have no field for (sampler, model hash, LoRA hashes...) are left out."""
     lines = text.strip().splitlines()
     if not lines:
         return {}
-    out: dict[str, Any] = {}
-    tail = lines[-1]
-    body = lines[:-1]
-    if body and body[-1].startswith("Negative prompt: "):
-        out["negative_prompt"] = body.pop()[len("Negative prompt: ") :]
-    out["prompt"] = "\n".join(body)
-    for part in tail.split(", "):
-        key, _, value = part.partition(": ")
-        key = key.strip().lower()
-        if key == "steps":
-            out["steps"] = value
-        elif key == "cfg scale":
-            out["guidance"] = value
-        elif key == "seed":
-            out["seed"] = value
-        elif key == "size":
-            w, _, h = value.partition("x")
-            out["width"], out["height"] = w, h
-        elif key == "model":
-            out["model"] = value
+    params = dict(_A1111_PARAM.findall(lines[-1]))
+    if len(params) >= 3:  # A1111's own test: a real parameters line has at least three pairs
+        lines = lines[:-1]
+    else:
+        params = {}
+    prompt: list[str] = []
+    negative: list[str] = []
+    in_negative = False
+    for line in lines:
+        if line.startswith(_NEGATIVE):
+            in_negative = True
+            line = line[len(_NEGATIVE) :].strip()
+        (negative if in_negative else prompt).append(line)
+    out: dict[str, Any] = {"prompt": "\n".join(prompt).strip()}
+    if negative:
+        out["negative_prompt"] = "\n".join(negative).strip()
+    fields = {k.strip().lower(): v.strip().strip('"') for k, v in params.items()}
+    for key, name in _A1111_FIELDS.items():
+        if key in fields:
+            out[name] = fields[key]
+    if "size" in fields:
+        w, _, h = fields["size"].partition("x")
+        out["width"], out["height"] = w.strip(), h.strip()
     return out
+
+
+_parse_parameters_text = parse_a1111
 
 
 # field -> (kind, low, high); text fields: (str, max length, None)
@@ -168,6 +184,7 @@ _FIELDS: dict[str, tuple[type, Any, Any]] = {
     "height": (int, 1, MAX_PNG_SIDE),
     "steps": (int, 1, 10_000),
     "guidance": (float, 0.0, 1000.0),
+    "shift": (float, 0.0, 1000.0),
 }
 
 

@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 SEED_MAX = 2**32 - 1
 GUIDANCE_MAX = 10.0
+SHIFT_MIN, SHIFT_MAX = 1.0, 10.0  # the scheduler's time shift (Z-Image-Turbo's own is 3)
 SIZE_MULTIPLE = 16
 
 
@@ -41,6 +42,7 @@ class GenerationRequest:
     seed: int = -1
     count: int = 1
     user: str = ""  # who asked (for logs); never affects the image
+    shift: float | None = None  # the scheduler's time shift; None = the model's own
     owner: str = ""  # whose outputs folder the images go to (a logged-in user; '' = the shared one)
 
     def seeds(self) -> list[int]:
@@ -124,8 +126,18 @@ def validate(request: GenerationRequest, limits: Limits = Limits()) -> Generatio
     if not 1 <= count <= limits.max_count:
         raise InvalidRequest("count", count, f"a whole number from 1 to {limits.max_count}")
 
+    shift = request.shift
+    if shift is not None and shift != "":
+        shift_allowed = f"a number from {SHIFT_MIN:g} to {SHIFT_MAX:g} (the model's own is 3)"
+        shift = _as_float("time shift", shift, shift_allowed)
+        if not SHIFT_MIN <= shift <= SHIFT_MAX:
+            raise InvalidRequest("time shift", shift, shift_allowed)
+    else:
+        shift = None
+
     return replace(
         request,
+        shift=shift,
         prompt=prompt,
         negative_prompt=negative,
         width=sizes["width"],

@@ -24,6 +24,8 @@ from zimage.model.pipeline import LoadedModel
 from zimage.ops.metrics import EngineMetrics
 from zimage.ops.profiler import StageTimer
 from zimage.service.jobs import Job
+from zimage.service.preview import LatentPreview, scheduler_sigmas
+from zimage.service.preview import supported as preview_supported
 from zimage.service.request import GenerationRequest
 from zimage.service.result import GenerationResult, StageTimings
 
@@ -195,6 +197,32 @@ class Runner:
             return "VAE tiling"
         return "freed memory"
 
+    def _preview(self, latents, job: Job, steps: int) -> LatentPreview | None:
+        """The live preview of this job (frames land in job.preview); None for a scheduler whose
+        sigmas the preview cannot compute on the host."""
+        sigmas = scheduler_sigmas(self.pipe.scheduler, steps)
+        if sigmas is None:
+            log.debug("no live preview: the scheduler shifts its sigmas dynamically")
+            return None
+        return LatentPreview(latents, sigmas, lambda frame: setattr(job, "preview", frame))
+
+    @staticmethod
+    def _denoise(pipe, req: GenerationRequest, pos, neg, latents, step_done):
+        n = req.count
+        return pipe(
+            prompt=None,
+            prompt_embeds=[pos] * n,
+            negative_prompt_embeds=[neg] * n if neg is not None else None,
+            height=req.height,
+            width=req.width,
+            num_inference_steps=req.steps,
+            guidance_scale=req.guidance,
+            latents=latents,
+            output_type="latent",
+            callback_on_step_end=step_done,
+            return_dict=False,
+        )[0]
+
     def run(self, req: GenerationRequest, job: Job, progress: ProgressFn | None) -> GenerationResult:
         """One run; any failure comes out as StageFailed naming the stage (Cancelled as itself)."""
         import torch
@@ -208,13 +236,15 @@ class Runner:
         single_stream = cuda and self.model.plan.mode in SINGLE_STREAM_MODES
         timer = StageTimer(exec_dev if single_stream else None)
         sync = (lambda: _sync_all(self.model.plan)) if cuda and not single_stream else (lambda: None)
-        n = req.count
         notes: list[str] = []  # what this run did differently (a tiled decode)
         stage = "text_encoder"
+        preview: LatentPreview | None = None
 
-        def step_done(_pipe, i, _t, _kwargs):
+        def step_done(_pipe, i, _t, kwargs):
             sync()
             timer.mark(f"step{i}")
+            if preview is not None and "latents" in kwargs:
+                preview.step(i, kwargs["latents"])
             if single_stream and i >= 1:
                 timer.wait_previous()  # keep one step in flight: honest progress, prompt cancel
                 done = i
@@ -240,19 +270,17 @@ class Runner:
                     raise Cancelled("Cancelled.")
                 stage = "denoise"
                 latents = self.noise(seeds, req.width, req.height)
-                latents = pipe(
-                    prompt=None,
-                    prompt_embeds=[pos] * n,
-                    negative_prompt_embeds=[neg] * n if neg is not None else None,
-                    height=req.height,
-                    width=req.width,
-                    num_inference_steps=req.steps,
-                    guidance_scale=req.guidance,
-                    latents=latents,
-                    output_type="latent",
-                    callback_on_step_end=step_done,
-                    return_dict=False,
-                )[0]
+                scheduler = pipe.scheduler
+                own_shift = getattr(scheduler, "shift", None)
+                if req.shift is not None and own_shift is not None:
+                    scheduler.set_shift(req.shift)  # the caller holds the GPU: no one else uses it now
+                if job.want_preview and preview_supported(pipe):
+                    preview = self._preview(latents, job, req.steps)
+                try:
+                    latents = self._denoise(pipe, req, pos, neg, latents, step_done)
+                finally:
+                    if req.shift is not None and own_shift is not None:
+                        scheduler.set_shift(own_shift)
                 stage = "vae_decode"
                 if progress:
                     progress("decode", req.steps, req.steps)

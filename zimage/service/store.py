@@ -103,6 +103,7 @@ def parameters_text(meta: dict[str, Any]) -> str:
         ("Steps", meta.get("steps")),
         ("Sampler", "FlowMatch Euler"),
         ("CFG scale", meta.get("guidance")),
+        ("Shift", meta.get("shift")),
         ("Seed", meta.get("seed")),
         ("Size", f"{meta.get('width')}x{meta.get('height')}"),
         ("Model", meta.get("model")),

@@ -195,6 +195,7 @@ class WebServer:
         from fastapi.responses import JSONResponse, Response
         from prometheus_client import CONTENT_TYPE_LATEST
 
+        from zimage.web.api import ApiDefaults
         from zimage.web.page import page_options
 
         s = self.settings
@@ -215,6 +216,7 @@ class WebServer:
 
         app = FastAPI(title="zimage", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
         app.add_middleware(_Watch, on_refused=self._queue_refused, on_file=self._file_served)
+        app.add_middleware(ApiDefaults, blocks=self.blocks)  # REST calls may leave out all but the prompt
         self.access = Access(engine.store, self.users, s.admins)
         # outermost: nothing reaches a route (ours or Gradio's) before the gate has looked at it
         app.add_middleware(Gate, policy=GatePolicy(self.access, s, lambda: self._gradio_app, AUTH_MESSAGE))
