@@ -455,12 +455,13 @@ def _whole_slider(lo: int, hi: int, value: int, label: str, info: str, elem_id: 
     """A slider of whole numbers; a fixed, read-only number when the settings leave one choice
     (max_count 1, max_steps 1): Gradio refuses a slider whose minimum equals its maximum."""
     if lo >= hi:
+        text = t("en", info.key) if hasattr(info, "key") else str(info)  # a rare setting: said in English
         return gr.Number(
             value=lo,
             precision=0,
             interactive=False,
             label=label,
-            info=info,
+            info=f"{text} This server allows only {lo}.",
             elem_id=elem_id,
         )
     return gr.Slider(lo, hi, value=value, step=1, precision=0, label=label, info=info, elem_id=elem_id)
