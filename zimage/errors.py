@@ -38,6 +38,14 @@ class InvalidRequest(ZImageError):
         super().__init__(message)
 
 
+class BadLora(InvalidRequest):
+    """A LoRA that cannot be used: the message names the file and why (nothing was changed)."""
+
+    def __init__(self, name: str, why: str):
+        ZImageError.__init__(self, f"LoRA {name!r} cannot be used: {why}")
+        self.field, self.value, self.allowed = "loras", name, why
+
+
 class Cancelled(ZImageError):
     """The job was cancelled by its owner."""
 

@@ -15,7 +15,17 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from zimage.errors import Cancelled, GenerationFailed, InvalidRequest, NotReady, OutOfMemory, ShuttingDown, ZImageError
+from zimage.errors import (
+    BadLora,
+    Cancelled,
+    GenerationFailed,
+    InvalidRequest,
+    NotReady,
+    OutOfMemory,
+    ShuttingDown,
+    ZImageError,
+)
+from zimage.model.lora import LoraLibrary
 from zimage.model.pipeline import LoadedModel, load_model
 from zimage.model.presets import model_preset, parse_size
 from zimage.ops.metrics import EngineMetrics
@@ -46,6 +56,7 @@ class Engine:
         self.runner: Runner | None = None
         self.job_listeners: list[Listener] = []
         self.admission = Admission()
+        self.loras = LoraLibrary.from_settings(settings)
         self._ready = threading.Event()
         self._loading: threading.Thread | None = None
         self._loading_lock = threading.Lock()
@@ -117,7 +128,8 @@ class Engine:
         tl = self.timeline
         try:
             self.model = load_model(self.settings, tl)
-            self.runner = Runner(self.model, self.metrics, self.settings.real_length_prompt)
+            self.runner = Runner(self.model, self.metrics, self.settings.real_length_prompt, loras=self.loras)
+            self.model.notes += self.loras.attach(self.model.pipe, compiled=self._compiled())
             if self.settings.warmup:
                 from zimage.model.speed import WARMUP_PROMPT
 
@@ -133,6 +145,14 @@ class Engine:
         except Exception as exc:
             tl.fail(str(exc) if isinstance(exc, ZImageError) else f"{type(exc).__name__}: {exc}")
             raise
+
+    def _compiled(self) -> bool:
+        import torch
+
+        from zimage.model.speed import compile_mode
+
+        device_type = torch.device(self.model.device).type
+        return compile_mode(self.settings, device_type, self.model.plan.mode) != "off"
 
     def _warmup(self, prompt: str) -> None:
         """One short generation per warm-up size: pays for compiling, cuDNN/cuBLAS set-up and
@@ -173,9 +193,10 @@ class Engine:
         req = request
         try:
             req = validate(request, self.limits)
+            self.loras.check(req.loras)  # a bad LoRA file is refused before it waits for the GPU
             self._admit(wait_ready)
             req = replace(req, seed=resolve_seed(req.seed))
-            job.total = req.steps
+            job.total = req.denoise_steps
             with self.admission.turn(job):
                 queue_wait = time.perf_counter() - t_request
                 started_at = time.time()
@@ -314,6 +335,7 @@ class Engine:
 
 _OUTCOMES: dict[type, str] = {
     InvalidRequest: "invalid",
+    BadLora: "invalid",
     NotReady: "unready",
     ShuttingDown: "rejected",
     Cancelled: "cancelled",

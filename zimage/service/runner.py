@@ -17,11 +17,13 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from zimage.errors import Cancelled, OutOfMemory
+from zimage.errors import BadLora, Cancelled, OutOfMemory
+from zimage.model.lora import LoraLibrary
 from zimage.model.memory import HOOKED_MODES, SINGLE_STREAM_MODES, downgrade, free_memory, host_embedding, is_oom
 from zimage.model.pipeline import LoadedModel
 from zimage.ops.metrics import EngineMetrics
 from zimage.ops.profiler import StageTimer
+from zimage.service.img2img import SourceRun
 from zimage.service.jobs import Job
 from zimage.service.request import GenerationRequest
 from zimage.service.result import GenerationResult, StageTimings
@@ -51,10 +53,17 @@ def module_device(module) -> Any:
 class Runner:
     """Runs requests on one loaded pipeline. Not thread-safe: the caller holds the GPU lock."""
 
-    def __init__(self, model: LoadedModel, metrics: EngineMetrics, real_length_prompt: bool = True):
+    def __init__(
+        self,
+        model: LoadedModel,
+        metrics: EngineMetrics,
+        real_length_prompt: bool = True,
+        loras: LoraLibrary | None = None,
+    ):
         self.model = model
         self.metrics = metrics
         self.real_length_prompt = real_length_prompt
+        self.loras = loras
 
     @property
     def pipe(self) -> Any:
@@ -189,9 +198,12 @@ class Runner:
         timer = StageTimer(exec_dev if single_stream else None)
         sync = (lambda: torch.cuda.synchronize()) if cuda and not single_stream else (lambda: None)
         n = req.count
-        stage = "text_encoder"
+        total = req.denoise_steps
+        stage = "lora"
+        source = SourceRun(pipe, req, seeds) if req.source is not None else None
 
-        def step_done(_pipe, i, _t, _kwargs):
+        def step_done(_pipe, i, _t, kwargs):
+            out = {"latents": source.blend(i, kwargs["latents"])} if source is not None else {}
             sync()
             timer.mark(f"step{i}")
             if single_stream and i >= 1:
@@ -201,16 +213,20 @@ class Runner:
                 done = i + 1
             job.step = done
             if progress:
-                progress("denoise", done, req.steps)
+                progress("denoise", done, total)
             if job.cancelled:
                 raise Cancelled("Cancelled.")
-            return {}
+            return out
 
         try:
             with torch.no_grad():
                 timer.mark("start")
+                applied = self.loras.apply(req.loras) if self.loras is not None and self.loras.attached else None
+                if applied is not None:
+                    timer.mark("lora")
+                stage = "text_encoder"
                 if progress:
-                    progress("text", 0, req.steps)
+                    progress("text", 0, total)
                 pos = self.encode(req.prompt)
                 neg = self.encode(req.negative_prompt) if req.guidance > 0 else None
                 sync()
@@ -218,8 +234,18 @@ class Runner:
                 if job.cancelled:
                     raise Cancelled("Cancelled.")
                 stage = "denoise"
-                latents = self.noise(seeds, req.width, req.height)
-                latents = pipe(
+                run_kwargs: dict[str, Any] = {}
+                if source is None:
+                    latents = self.noise(seeds, req.width, req.height)
+                else:
+                    stage = "vae_encode"
+                    encoded = source.encode(self.device_for(pipe.vae), exec_dev)
+                    latents = source.start_latents(encoded, pos.dtype, exec_dev)
+                    sync()
+                    timer.mark("vae_encode")
+                    stage = "denoise"
+                    run_kwargs = {"image": req.source.image, "strength": req.strength}
+                latents = (source.pipeline if source is not None else pipe)(
                     prompt=None,
                     prompt_embeds=[pos] * n,
                     negative_prompt_embeds=[neg] * n if neg is not None else None,
@@ -231,23 +257,26 @@ class Runner:
                     output_type="latent",
                     callback_on_step_end=step_done,
                     return_dict=False,
+                    **run_kwargs,
                 )[0]
                 stage = "vae_decode"
                 if progress:
-                    progress("decode", req.steps, req.steps)
+                    progress("decode", total, total)
                 pixels = self.decode(latents)
                 sync()
                 timer.mark("vae_decode")
                 stage = "to_host"
                 host = pixels.cpu()
                 timer.mark("to_host")
-        except Cancelled:
+        except (Cancelled, BadLora):
             raise
         except Exception as exc:
             raise StageFailed(stage, exc) from exc
         timings = _timings(timer.resolve())
         images = [Image.fromarray(a) for a in host.numpy()]
-        return GenerationResult(
+        if source is not None:
+            images = source.finish(images)
+        result = GenerationResult(
             request=req,
             images=images,
             seeds=seeds,
@@ -256,7 +285,12 @@ class Runner:
             memory_mode=self.model.plan.mode,
             device=self.model.device_name,
             job_id=job.id,
+            notes=list(req.notes),
         )
+        if applied is not None:
+            result.loras = applied.loras
+            result.notes += applied.notes
+        return result
 
 
 def _timings(marks: list[tuple[str, float]]) -> StageTimings:
@@ -270,5 +304,9 @@ def _timings(marks: list[tuple[str, float]]) -> StageTimings:
             timings.vae_decode = dt
         elif name == "to_host":
             timings.to_host = dt
+        elif name == "vae_encode":
+            timings.vae_encode = dt
+        elif name == "lora":
+            timings.lora = dt
     timings.gpu_total = sum(dt for _, dt in marks)
     return timings
