@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import gradio as gr
 from zimage.errors import ZImageError
 from zimage.service.request import GenerationRequest
 from zimage.service.store import read_parameters
+from zimage.web import toolbox
 from zimage.web.panels import _s, history_items, parameters_markdown, render_banner, render_profiler, summary_markdown
 from zimage.web.sizes import CUSTOM, match_preset, preset_size, size_note, size_tiers
 
@@ -83,6 +84,7 @@ class FormValues:
     guidance: Any = 0.0
     seed: Any = -1
     count: Any = 1
+    toolbox: tuple = ()  # raw image to image, inpainting and LoRA values (web/toolbox.py reads them)
 
     def request(self, user: str) -> GenerationRequest:
         return GenerationRequest(
@@ -123,7 +125,14 @@ class Studio:
         guidance: float,
         seed: float,
         count: float,
-        request: gr.Request,
+        source: Any = None,
+        mask: Any = None,
+        strength: Any = None,
+        feather: Any = None,
+        outpaint_sides: Any = None,
+        outpaint_px: Any = None,
+        loras: Any = None,
+        request: gr.Request = None,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects it through this default
     ):
         """Run the job on a worker thread. When Gradio cancels this task (the Cancel button,
@@ -137,7 +146,17 @@ class Studio:
             return await anyio.to_thread.run_sync(
                 self._generate,
                 job,
-                FormValues(prompt, negative_prompt, width, height, steps, guidance, seed, count),
+                FormValues(
+                    prompt,
+                    negative_prompt,
+                    width,
+                    height,
+                    steps,
+                    guidance,
+                    seed,
+                    count,
+                    (source, mask, strength, feather, outpaint_sides, outpaint_px, loras),
+                ),
                 _who(request),
                 progress,
                 abandon_on_cancel=True,
@@ -156,6 +175,8 @@ class Studio:
         try:
             self._wait_for_model(progress, job)
             req = values.request(user)
+            if values.toolbox:
+                req = replace(req, **toolbox.request_fields(*values.toolbox, may_read=toolbox.upload_guard(engine)))
             result = engine.generate(req, job=job, progress=feed, save=True, wait_ready=30.0)
             progress(1.0, desc="Saving PNG…")
             paths = result.wait_saved(timeout=120)

@@ -19,6 +19,7 @@ import gradio as gr
 
 from zimage.model.presets import ASPECT_RATIOS
 from zimage.service.request import GUIDANCE_MAX, SEED_MAX
+from zimage.web import toolbox
 from zimage.web.handlers import Studio
 from zimage.web.panels import _e, render_banner, render_profiler
 from zimage.web.sizes import CUSTOM, match_preset, ratio_label, size_note
@@ -224,6 +225,7 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
                         info="Seeds s, s+1, … (image i equals a single run with seed s+i).",
                         elem_id="zi-count",
                     )
+                tools = toolbox.build(engine)  # image to image / inpaint, LoRAs (web/toolbox.py)
 
             # ---------------- results, history, parameters
             with gr.Column(scale=6, min_width=420, elem_id="zi-output"):
@@ -300,10 +302,10 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
         gen_event = gr.on(
             triggers=[generate_btn.click, prompt.submit],
             fn=studio.generate,
-            inputs=inputs.as_list(),
+            inputs=[*inputs.as_list(), *tools.inputs],  # the toolbox's come after: positional calls keep working
             outputs=[gallery, details],
             api_name="generate",
-            api_description=API_DESCRIPTION,
+            api_description=API_DESCRIPTION + toolbox.API_NOTE,
             concurrency_id=GPU_QUEUE,
             concurrency_limit=1,
             show_progress="full",
@@ -346,13 +348,21 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
                 api_visibility="private",
             )
         use_btn.click(studio.use_settings, [selected_params], form_outputs, queue=False, api_visibility="private")
+        use_btn.click(
+            lambda p: toolbox.restore(engine, p),
+            [selected_params],
+            tools.restored,
+            queue=False,
+            api_visibility="private",
+        )
+        toolbox.wire(tools, gallery)
         dropped.upload(
             studio.load_png,
             [dropped],
             [selected_params, params_md, *form_outputs],
             queue=False,
             api_visibility="private",
-        )
+        ).then(lambda p: toolbox.restore(engine, p), [selected_params], tools.restored, queue=False)
         # Read from disk when looked at (Gradio hashes and copies every file it shows into its
         # cache, so the history is not refreshed after every run nobody is watching).
         for trigger in (history_tab.select, refresh_btn.click):
