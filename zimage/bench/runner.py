@@ -625,7 +625,9 @@ def table(results: dict[str, Any]) -> str:
             )
             + " |"
         )
-    return "\n".join(lines)
+    from zimage.bench.toolbox import summary_lines
+
+    return "\n".join(lines + summary_lines(results))
 
 
 # ------------------------------------------------------------------------------------------

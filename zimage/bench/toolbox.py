@@ -140,3 +140,22 @@ def _with(req: Any, loras: list[tuple[str, float]]) -> Any:
     from dataclasses import replace
 
     return replace(req, loras=tuple(loras))
+
+
+def summary_lines(results: dict[str, Any]) -> list[str]:
+    """Lines under the bench table for the toolbox row (the issue's targets beside the numbers)."""
+    lines = []
+    for name, r in results.get("rows", {}).items():
+        if "lora" not in r or "error" in r:
+            continue
+        t, i, lo = r["text_to_image"], r["image_to_image_0_5"], r["lora"]
+        lines += [
+            "",
+            f"{name}: image to image at strength 0.5: {i['steps']} of {t['steps']} steps, denoise "
+            f"{i['denoise_s']} s vs {t['denoise_s']} s ({i['denoise_vs_text_to_image']}x; target about 0.5), "
+            f"VAE encode {i['vae_encode_s']} s",
+            f"{name}: LoRAs ({r['lora_mode']}, rank {lo['rank']}): graphs compiled by the first LoRA "
+            f"{lo['graphs_compiled_by_first_lora']}, by 4 switches {lo['graphs_compiled_by_switches']} (target 0); "
+            f"cost per image {lo['cost_per_image']} (target <= 0.05); swap {lo['switch_apply_s']} s",
+        ]
+    return lines

@@ -120,7 +120,7 @@ def _use_result(gallery: Any):
 def _with_picked(picked: list[str] | None, text: str) -> str:
     """Keep the weights already typed for the LoRAs still picked; new ones start at 1."""
     current = dict(parse_loras(text or ""))
-    return ", ".join(f"{name}:{current.get(name, 1.0):g}" for name in picked or [])
+    return ", ".join(f"{name}:{current.get(name, 1)}" for name in picked or [])
 
 
 def parse_loras(text: Any) -> list[tuple[str, Any]]:
