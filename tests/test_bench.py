@@ -5,10 +5,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from zimage.model import tiny
 from zimage.model.fullsize import CONFIGS, build
 
-from .conftest import ROOT
+from .support import ROOT
+
+pytestmark = pytest.mark.slow  # python -m zimage bench in a subprocess
 
 
 def test_bench_run_writes_rows_and_table(tmp_path):

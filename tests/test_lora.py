@@ -13,7 +13,7 @@ from zimage.model.lora import linear_layers, random_lora, save_lora
 from zimage.service.engine import Engine
 from zimage.service.request import GenerationRequest
 
-from .conftest import pixels
+from .support import pixels
 
 BAD_FILES = {
     "missing.safetensors": "no such file",

@@ -9,7 +9,7 @@ from zimage.errors import InvalidRequest
 from zimage.service.request import GenerationRequest, Limits, validate
 from zimage.service.store import read_parameters, write_png
 
-from .conftest import pixels
+from .support import pixels
 
 LIMITS = Limits(min_size=64, max_size=256)
 

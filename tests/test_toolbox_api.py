@@ -8,20 +8,21 @@ from PIL import Image
 from zimage.model.lora import linear_layers, random_lora, save_lora
 from zimage.service.store import read_parameters
 
-from .test_server import start_server
+from .support import App
 from .test_toolbox import center_mask, source_image
+
+pytestmark = pytest.mark.slow  # a real server in a subprocess
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_dir, engine):
     work = tmp_path_factory.mktemp("toolbox-server")
     save_lora(random_lora(linear_layers(engine.pipe.transformer), rank=2, seed=1), work / "loras" / "style.safetensors")
-    server = start_server(work, tiny_dir, "--lora-dir", str(work / "loras"), "--warmup-sizes", "64x64")
+    server = App(work, tiny_dir, "--lora-dir", str(work / "loras"), "--warmup-sizes", "64x64").wait_ready()
     yield server, work
     server.stop()
 
 
-@pytest.mark.slow
 def test_generate_api_takes_source_mask_strength_and_loras(served, tmp_path):
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError

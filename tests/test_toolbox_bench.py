@@ -11,7 +11,7 @@ import pytest
 from zimage.model import tiny
 from zimage.model.fullsize import CONFIGS, build
 
-from .conftest import ROOT
+from .support import ROOT
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """`python -m zimage generate --image ... --mask ... --lora FILE:WEIGHT` in a real subprocess."""
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from zimage.model.lora import linear_layers, random_lora, save_lora
@@ -8,6 +9,8 @@ from zimage.service.store import read_parameters
 
 from .test_cli import run
 from .test_toolbox import center_mask, source_image
+
+pytestmark = pytest.mark.slow  # every test runs python -m zimage in a subprocess
 
 
 def test_strength_zero_or_above_one_or_without_a_source_is_refused_with_exit_2(tiny_dir, tmp_path):
