@@ -76,7 +76,7 @@ class LoraLibrary:
         self.mode = "adapters" if mode == "auto" else mode  # attach() settles auto
         self.extra: dict[str, Path] = {}  # files named on the command line, outside the folder
         self._hashes: dict[tuple[str, int, int], str] = {}
-        self._read: OrderedDict[tuple[str, int, int], LoraWeights] = OrderedDict()
+        self._read: OrderedDict[tuple[str, int, int, bool], LoraWeights] = OrderedDict()
         self._lock = threading.Lock()
         self._layers: dict[str, tuple[int, int]] | None = None  # Linear layers: name -> (in, out)
         self._pipe: Any = None
@@ -171,7 +171,8 @@ class LoraLibrary:
         """Read and check one file (cached by path, size and modification time)."""
         path = self.resolve(name)
         st = path.stat()
-        key = (str(path), st.st_size, st.st_mtime_ns)
+        # checked against the model's layers or not yet (a request may arrive while the model loads)
+        key = (str(path), st.st_size, st.st_mtime_ns, self._layers is not None)
         with self._lock:
             if key in self._read:
                 self._read.move_to_end(key)
@@ -260,8 +261,6 @@ class LoraLibrary:
         if self.requested_mode == "auto":
             self.mode = "hotswap" if compiled else "adapters"
         self._layers = linear_layers(pipe.transformer)
-        with self._lock:
-            self._read.clear()  # checked against no model before: check again against this one
         if self.mode == "hotswap" and self.names():
             self._create_slot()
             return [f"LoRA hotswap slot of rank {self.max_rank} ready (switching LoRAs recompiles nothing)"]
