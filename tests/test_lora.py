@@ -194,7 +194,7 @@ def test_streaming_mode_loads_switches_and_evicts_adapters(make_settings, lora_d
         assert str(eng.plan.mode) == "lowvram"
         for name in ("a.safetensors", "b.safetensors", "a.safetensors"):
             assert np.abs(px(eng, [(name, 1.0)]) - px(adapters, [(name, 1.0)])).max() <= 1
-        assert len(eng.loras._loaded) == 1
+        assert len(eng.runner.loras._loaded) == 1
         assert np.abs(px(eng) - px(adapters)).max() <= 1
     finally:
         eng.shutdown(grace_s=5)
@@ -208,7 +208,7 @@ def test_with_compile_switching_loras_recompiles_nothing(make_settings, lora_dir
 
     eng = make_engine(make_settings, lora_dir, compile="regional")
     try:
-        assert eng.loras.mode == "hotswap"
+        assert eng.runner.loras.mode == "hotswap"
         plain = px(eng)
         graphs = counters["stats"]["unique_graphs"]
         outs = [px(eng, [(n, 1.0)]) for n in ("a.safetensors", "b.safetensors", "a.safetensors")]

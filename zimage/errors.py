@@ -41,9 +41,14 @@ class InvalidRequest(ZImageError):
 class BadLora(InvalidRequest):
     """A LoRA that cannot be used: the message names the file and why (nothing was changed)."""
 
-    def __init__(self, name: str, why: str):
-        ZImageError.__init__(self, f"LoRA {name!r} cannot be used: {why}")
-        self.field, self.value, self.allowed = "loras", name, why
+    def __init__(self, name: str, why: str | None = None):
+        # one argument: the whole message (how a replica's error is rebuilt in the parent process)
+        message = name if why is None else f"LoRA {name!r} cannot be used: {why}"
+        ZImageError.__init__(self, message)
+        self.field, self.value, self.allowed = "loras", name, why or message
+
+    def __reduce__(self):
+        return (BadLora, (str(self),))
 
 
 class Cancelled(ZImageError):
@@ -66,8 +71,16 @@ class GenerationFailed(ZImageError):
     """An unexpected error inside the pipeline; the message is safe to show."""
 
 
+class ReplicaFailed(GenerationFailed):
+    """The replica (GPU worker) running the job died or hit an unrecoverable error; it restarts alone."""
+
+
 class ModelNotFound(ZImageError):
     """The model could not be found or downloaded; the message says where we looked and what to do."""
+
+
+class UnreadableImage(ZImageError):
+    """An image file that cannot be read (not a PNG, damaged, too large): the message says which."""
 
 
 def _short(value: Any) -> str:

@@ -101,7 +101,7 @@ def row_toolbox(args: argparse.Namespace) -> dict[str, Any]:
     lora_denoise = _median([r.timings.denoise for r in with_lora])
     out: dict[str, Any] = {
         "memory_mode": engine.plan.mode,
-        "lora_mode": engine.loras.mode,
+        "lora_mode": engine.runner.loras.mode if engine.runner else settings.lora_mode,
         "notes": engine.notes,
         "text_to_image": {
             "denoise_s": t2i_denoise,

@@ -386,6 +386,15 @@ class LoraLibrary:
         self._slot_key = key
 
 
+def compiled(settings: Any, model: Any) -> bool:
+    """Whether this loaded model's transformer blocks are compiled (hotswap is then the default)."""
+    import torch
+
+    from zimage.model.speed import compile_mode
+
+    return compile_mode(settings, torch.device(model.device).type, model.plan.mode) != "off"
+
+
 def linear_layers(transformer: Any) -> dict[str, tuple[int, int]]:
     """The transformer's Linear layers a LoRA may target: name -> (in, out), LoRA wrappers seen through."""
     import torch

@@ -1,9 +1,10 @@
 """The one Engine per process: the facade the web page, the CLI and the benchmark talk to.
 
-It loads the model once (zimage.model.pipeline), admits jobs to the GPU one at a time
-(service.jobs), has the runner do the GPU math (service.runner), and accounts for every
-request in one place: its metric, its log line, its listeners. PNG encoding and writing
-happen on the store's writer thread after the GPU is released.
+It loads the model once per replica (one in this process by default; one child process per GPU
+when the model fits on each, see service.layout), hands each job to the replica pool's shared
+queue (service.replicas: the first free replica runs it), and accounts for every request in one
+place: its metric, its log line, its listeners. PNG encoding and writing happen on the store's
+writer thread after the GPU is released.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ from zimage.errors import (
     ZImageError,
 )
 from zimage.model.lora import LoraLibrary
-from zimage.model.pipeline import LoadedModel, load_model
-from zimage.model.presets import model_preset, parse_size
+from zimage.model.pipeline import LoadedModel
+from zimage.model.presets import model_preset
 from zimage.ops.metrics import EngineMetrics
 from zimage.ops.profiler import LoadTimeline, RecentJobs, memory_snapshot
-from zimage.service.jobs import Admission, Job
+from zimage.service.jobs import Job
+from zimage.service.layout import build_replicas, plan_replicas
+from zimage.service.replicas import LocalReplica, ReplicaPool
 from zimage.service.request import GenerationRequest, Limits, resolve_seed, validate
 from zimage.service.result import GenerationResult
 from zimage.service.runner import ProgressFn, Runner
@@ -55,7 +58,18 @@ class Engine:
         self.model: LoadedModel | None = None
         self.runner: Runner | None = None
         self.job_listeners: list[Listener] = []
-        self.admission = Admission()
+        if settings.ray:  # past one box: Ray Serve replicas (Ray is imported only then, only here)
+            from zimage.service.ray_serve import RayPool
+
+            self.pool: Any = RayPool(settings, self.timeline)
+            self.replica_plan: Any = self.pool.plan
+        else:
+            self.replica_plan = plan_replicas(settings)
+            self.pool = ReplicaPool()
+        # Jobs waiting in front of the engine (the web server sets it to Gradio's queue length).
+        self.waiting_elsewhere: Callable[[], int] = lambda: 0
+        # The LoRA files: listed for the page, checked before a job queues (each replica holds its own
+        # library on its own pipeline and checks every file against its layers again).
         self.loras = LoraLibrary.from_settings(settings)
         self._ready = threading.Event()
         self._loading: threading.Thread | None = None
@@ -124,47 +138,56 @@ class Engine:
         except Exception:  # noqa: BLE001 - recorded in the timeline; /ready and the UI say why
             log.exception("model loading failed")
 
-    def load(self) -> None:
-        tl = self.timeline
-        try:
-            self.model = load_model(self.settings, tl)
-            self.runner = Runner(self.model, self.metrics, self.settings.real_length_prompt, loras=self.loras)
-            self.model.notes += self.loras.attach(self.model.pipe, compiled=self._compiled())
-            if self.settings.warmup:
-                from zimage.model.speed import WARMUP_PROMPT
+    @property
+    def concurrency(self) -> int:
+        """Jobs that may run at once (one per replica): the page's concurrency limit."""
+        return self.replica_plan.size
 
-                stage = tl.begin("warm-up")
-                self._warmup(WARMUP_PROMPT)
-                tl.end(stage)
+    def load(self) -> None:
+        """Load every replica (in this process for one, in child processes for several) and warm up."""
+        tl = self.timeline
+        plan = self.replica_plan
+        try:
+            log.info("replicas: %s", plan.describe())
+            if self.settings.ray:
+                self.pool.start()  # connect, deploy, wait for the replicas: stages on the timeline
+            elif plan.processes:
+                self._add_replicas(plan)
+                stage = tl.begin(f"start {plan.size} replicas", plan.describe())
+                self.pool.start()
+                tl.end(stage, ", ".join(f"{r.name} {r.state}" for r in self.pool.replicas))
+            else:
+                self._add_replicas(plan)
+                self.pool.start()
+            local = self.pool.replicas[0] if self.pool.replicas else None
+            if isinstance(local, LocalReplica):
+                self.model, self.runner = local.model, local.runner
             tl.ready()
             self.metrics.load_seconds.set(tl.ready_at or 0.0)
             self.metrics.ready.set(1)
-            self.metrics.mode.labels(self.model.plan.mode).set(1)
+            mode = self._first_status().get("memory_mode")
+            self.metrics.mode.labels(mode).set(1)
             self._ready.set()
-            log.info("model ready in %.1fs since process start (%s)", tl.ready_at, self.model.plan.mode)
+            log.info("model ready in %.1fs since process start (%s)", tl.ready_at, mode)
         except Exception as exc:
             tl.fail(str(exc) if isinstance(exc, ZImageError) else f"{type(exc).__name__}: {exc}")
             raise
 
-    def _compiled(self) -> bool:
-        import torch
+    def _add_replicas(self, plan: Any) -> None:
+        for replica in build_replicas(self.settings, plan, self.metrics, self.timeline, self._replica_changed):
+            self.pool.add(replica)
 
-        from zimage.model.speed import compile_mode
+    def _replica_changed(self, replica) -> None:
+        """A child replica reported: its load progress (the banner shows the mean), or a new state."""
+        rows = [r for r in self.pool.replicas if hasattr(r, "load")]
+        if rows and not self.ready:
+            self.timeline.progress(sum((r.load or {}).get("percent", 0.0) for r in rows) / len(rows) / 100.0)
+        self.pool.wake()
 
-        device_type = torch.device(self.model.device).type
-        return compile_mode(self.settings, device_type, self.model.plan.mode) != "off"
-
-    def _warmup(self, prompt: str) -> None:
-        """One short generation per warm-up size: pays for compiling, cuDNN/cuBLAS set-up and
-        allocator growth before the first user does. Blocks are compiled with dynamic shapes, so
-        other prompt lengths and sizes do not recompile (bench explore measured 0.5 s for a new
-        caption length against 21 s for the first compile)."""
-        w, h = self.default_size
-        sizes = [parse_size(x) for x in self.settings.warmup_sizes.split(",") if x.strip()] or [(w, h)]
-        for ww, hh in sizes:
-            req = validate(GenerationRequest(prompt=prompt, width=ww, height=hh, steps=2, seed=0), self.limits)
-            with self.admission.lock:
-                self.runner.run(req, Job(), None)
+    def _first_status(self) -> dict[str, Any]:
+        """What the page shows as "the" model: the first replica that came up."""
+        rows = self.pool.status()
+        return next((r for r in rows if r.get("state") in ("ready", "busy")), rows[0] if rows else {})
 
     # --- jobs ------------------------------------------------------------------------------
 
@@ -173,11 +196,16 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        return self.admission.waiting
+        return self.pool.waiting
+
+    @property
+    def running_jobs(self) -> list[Job]:
+        return self.pool.running
 
     @property
     def running_job(self) -> Job | None:
-        return self.admission.running
+        running = self.pool.running
+        return running[0] if running else None
 
     def generate(
         self,
@@ -189,20 +217,23 @@ class Engine:
     ) -> GenerationResult:
         """Validate, wait for the GPU, run, and hand the PNG writing to the writer thread."""
         job = job or self.new_job()
-        t_request = time.perf_counter()
+        t_request = time.time()
         req = request
         try:
             req = validate(request, self.limits)
             self.loras.check(req.loras)  # a bad LoRA file is refused before it waits for the GPU
             self._admit(wait_ready)
             req = replace(req, seed=resolve_seed(req.seed))
+            req, reduced = self._load_aware(req)
             job.total = req.denoise_steps
-            with self.admission.turn(job):
-                queue_wait = time.perf_counter() - t_request
-                started_at = time.time()
-                result = self.runner.run_with_fallback(req, job, progress)
+            result = self.pool.run(req, job, progress)
+            if reduced:
+                result.steps_asked = request.steps
+                result.notes.append(reduced)
+                self.metrics.load_aware.inc()
+            queue_wait = max(0.0, job.started - t_request)
             result.timings.queue_wait = queue_wait
-            result.started_at = started_at
+            result.started_at = job.started
         except BaseException as exc:  # noqa: BLE001 - accounted for, then raised as a user-facing error
             raise self._failed(req, job, exc) from (None if isinstance(exc, ZImageError) else exc)
         job.state = "done"
@@ -213,19 +244,42 @@ class Engine:
             def saved(paths: list[str], seconds: float) -> None:
                 result.timings.png = seconds
                 result.paths = paths
-                self.metrics.stage.labels("png").observe(seconds)
+                self.metrics.stage.labels("png", result.replica).observe(seconds)
                 self._log_request(req, result, "ok", None)
 
-            result._saved = self.store.save_async(result.images, metas, saved)
+            result._saved = self.store.save_async(result.images, metas, saved, owner=req.owner)
         else:
             self._log_request(req, result, "ok", None)
         self.recent.add(result.summary())
         self._notify(result, None)
         return result
 
+    def queue_length(self) -> int:
+        """Jobs waiting: in the pool and in front of it (Gradio's queue)."""
+        try:
+            elsewhere = int(self.waiting_elsewhere())
+        except Exception:  # noqa: BLE001 - a reading must never fail a request
+            elsewhere = 0
+        return self.pool.waiting + elsewhere
+
+    def _load_aware(self, req: GenerationRequest) -> tuple[GenerationRequest, str | None]:
+        """Load-aware steps (opt-in): with more than load_aware_queue jobs waiting, run this one with
+        load_aware_min_steps; returns the request to run and the note that says so (or None)."""
+        s = self.settings
+        if s.load_aware_queue <= 0 or req.steps <= s.load_aware_min_steps:
+            return req, None
+        waiting = self.queue_length()
+        if waiting <= s.load_aware_queue:
+            return req, None
+        note = (
+            f"Load-aware steps: ran {s.load_aware_min_steps} steps instead of {req.steps} because {waiting} jobs "
+            f"were waiting (more than {s.load_aware_queue}); ask again when it is quieter for the full quality."
+        )
+        return replace(req, steps=s.load_aware_min_steps), note
+
     def _admit(self, wait_ready: float | None) -> None:
         """Refuse at once while shutting down; wait (up to wait_ready) while the model loads."""
-        if not self.admission.accepting:
+        if not self.pool.accepting:
             raise ShuttingDown("The server is shutting down and takes no new jobs. Try again in a minute.")
         if self.ready:
             return
@@ -254,13 +308,15 @@ class Engine:
 
     def _count_ok(self, result: GenerationResult, queue_wait: float) -> None:
         t = result.timings
+        replica = result.replica
         self.metrics.requests.labels("ok").inc()
-        self.metrics.latency.observe(t.gpu_total)
+        self.metrics.latency.labels(replica).observe(t.gpu_total)
         self.metrics.queue_wait.observe(queue_wait)
         self.metrics.images.inc(len(result.images))
-        self.metrics.stage.labels("text_encoder").observe(t.text_encoder)
-        self.metrics.stage.labels("denoise").observe(t.denoise)
-        self.metrics.stage.labels("vae_decode").observe(t.vae_decode)
+        self.metrics.replica_images.labels(replica).inc(len(result.images))
+        self.metrics.stage.labels("text_encoder", replica).observe(t.text_encoder)
+        self.metrics.stage.labels("denoise", replica).observe(t.denoise)
+        self.metrics.stage.labels("vae_decode", replica).observe(t.vae_decode)
         self._images_made += len(result.images)
 
     def _notify(self, result: GenerationResult | None, error: BaseException | None) -> None:
@@ -277,8 +333,9 @@ class Engine:
         # down or loading, cancelled in the queue); %s because an invalid request may hold any value.
         times = result.timings.summary() if result else f"error: {str(error)[:200]}"
         log.info(
-            "request user=%s size=%sx%s steps=%s count=%s seed=%s outcome=%s %s",
+            "request user=%s replica=%s size=%sx%s steps=%s count=%s seed=%s outcome=%s %s",
             req.user or "-",
+            (result.replica if result else "") or "-",
             req.width,
             req.height,
             req.steps,
@@ -289,32 +346,38 @@ class Engine:
         )
 
     def _refresh_metrics(self) -> None:
-        self.metrics.queue_depth.set(self.admission.waiting)
-        self.metrics.running.set(1 if self.admission.running else 0)
+        self.metrics.queue_depth.set(self.pool.waiting)
+        self.metrics.running.set(len(self.pool.running))
         snap = memory_snapshot()
         if snap.get("host_rss_bytes") is not None:
             self.metrics.host_rss.set(snap["host_rss_bytes"])
-        for g in snap.get("gpus", []):
+        local = self.pool.replicas[0].name if self.model is not None and self.pool.replicas else "-"
+        for g in snap.get("gpus", []):  # this process's GPUs: the in-process replica's
             for kind in ("allocated", "reserved", "peak_allocated", "peak_reserved"):
-                self.metrics.vram.labels(str(g["index"]), kind).set(g[f"{kind}_bytes"])
+                self.metrics.vram.labels(local, str(g["index"]), kind).set(g[f"{kind}_bytes"])
+        self.metrics.refresh_replicas(self.pool.status())
 
     def status(self) -> dict[str, Any]:
         """Everything the profiler panel and /ready show, as plain data."""
         m = self.model
-        running = self.admission.running
+        running = self.running_job
+        replicas = self.pool.status()
+        first = {} if m else next((r for r in replicas if r.get("state") in ("ready", "busy")), {})
         return {
             "ready": self.ready,
             "load": self.timeline.snapshot(),
             "model": m.source.name if m else self.settings.model,
-            "device": m.device if m else "cpu",
-            "device_name": m.device_name if m else "CPU",
+            "device": m.device if m else first.get("device", "cpu"),
+            "device_name": m.device_name if m else first.get("device_name", "CPU"),
             "dtype": m.dtype_name if m else "",
-            "memory_mode": str(m.plan.mode) if m else None,
-            "memory_reason": m.plan.reason if m else None,
-            "notes": list(self.notes),
-            "queue_depth": self.admission.waiting,
+            "memory_mode": str(m.plan.mode) if m else first.get("memory_mode"),
+            "memory_reason": m.plan.reason if m else first.get("memory_reason"),
+            "notes": list(self.notes) if m else list(first.get("notes", [])),
+            "queue_depth": self.pool.waiting,
             "running": running.id if running else None,
             "running_step": (running.step, running.total) if running else None,
+            "replicas": replicas,
+            "replica_plan": self.replica_plan.describe(),
             "images_made": self._images_made,
             "uptime_s": time.time() - self.started,
             "memory": memory_snapshot(),
@@ -328,7 +391,8 @@ class Engine:
         """Stop taking jobs, let the running one finish (or cancel it after grace_s), flush files.
 
         Returns True when the running job finished on its own."""
-        finished = self.admission.drain(grace_s)
+        finished = self.pool.drain(grace_s)
+        self.pool.close()
         self.store.close(wait=True)
         return finished
 

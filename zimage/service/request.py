@@ -44,6 +44,7 @@ class GenerationRequest:
     seed: int = -1
     count: int = 1
     user: str = ""  # who asked (for logs); never affects the image
+    owner: str = ""  # whose outputs folder the images go to (a logged-in user; '' = the shared one)
     # Image to image and inpainting: the raw inputs (PIL image, path, bytes); validate() turns them
     # into `source` (sized, padded, hashed). width/height 0 = take the size from the source.
     image: Any = field(default=None, compare=False, repr=False)

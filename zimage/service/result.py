@@ -70,6 +70,8 @@ class GenerationResult:
     device: str
     job_id: str
     started_at: float = 0.0  # wall clock when the job got the GPU (its date in history and metadata)
+    replica: str = ""  # the replica (GPU worker) that ran it
+    steps_asked: int | None = None  # set when load-aware steps ran fewer steps than asked
     paths: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # e.g. "retried with VAE tiling after OOM"
     loras: list[dict[str, Any]] = field(default_factory=list)  # name, weight, sha256 of each LoRA used
@@ -101,7 +103,14 @@ class GenerationResult:
             "batch_count": r.count,
             "generator": "zimage",
             **self.toolbox(),
+            **self._load_aware(),
         }
+
+    def _load_aware(self) -> dict[str, Any]:
+        """Said wherever the parameters go, so nobody mistakes a faster, rougher picture for the usual."""
+        if self.steps_asked is None:
+            return {}
+        return {"steps_asked": self.steps_asked, "load_aware_steps": True}
 
     def toolbox(self) -> dict[str, Any]:
         """Image to image, inpainting and LoRAs: what the PNG records and a loaded PNG restores."""
@@ -156,6 +165,8 @@ class GenerationResult:
             "started_at": self.started_at,
             "job": self.job_id,
             **self.toolbox(),
+            "replica": self.replica,
+            **self._load_aware(),
         }
 
 
