@@ -217,3 +217,13 @@ def test_with_compile_switching_loras_recompiles_nothing(make_settings, lora_dir
         assert np.array_equal(px(eng), plain)
     finally:
         eng.shutdown(grace_s=5)
+
+
+def test_a_bad_lora_error_crosses_process_boundaries_as_itself():
+    """A replica in a child process (or Ray) sends its error back: rebuilt from the message, or pickled."""
+    import pickle
+
+    error = BadLora("x.safetensors", "it holds no LoRA weights for the Z-Image transformer.")
+    again = pickle.loads(pickle.dumps(error))
+    assert type(again) is BadLora and str(again) == str(error) == str(BadLora(str(error)))
+    assert "x.safetensors" in str(error) and again.field == "loras"
