@@ -226,6 +226,27 @@ class Settings:
     default_width: int = opt(0, "Default width (0 = the model preset's).", group="limits", bounds=(0, 16384))
     default_height: int = opt(0, "Default height (0 = the model preset's).", group="limits", bounds=(0, 16384))
 
+    # --- image to image, inpainting and LoRAs -------------------------------------------
+    lora_dir: str = opt(
+        "loras", "Folder of LoRA files (.safetensors) the page, the API and the CLI pick from.", group="toolbox"
+    )
+    lora_mode: str = opt(
+        "auto",
+        "How LoRAs are switched between jobs: auto (hotswap when the transformer is compiled, else adapters); "
+        "hotswap (one LoRA slot of rank lora_max_rank, swapped in place: no recompile); adapters (each LoRA "
+        "loaded once as its own adapter, kept in a cache of lora_cache).",
+        choices=("auto", "hotswap", "adapters"),
+        group="toolbox",
+    )
+    lora_max_rank: int = opt(
+        64,
+        "Hotswap slot rank: the ranks of the LoRAs one request uses together must add up to at most this "
+        "(a larger slot costs memory and time on every image).",
+        group="toolbox",
+    )
+    max_loras: int = opt(4, "Most LoRAs one request may use together.", group="toolbox")
+    lora_cache: int = opt(8, "LoRAs kept read (and, in adapters mode, loaded) for the next job.", group="toolbox")
+
     # --- outputs ------------------------------------------------------------------------
     outputs_dir: str = opt("outputs", "Folder for generated PNG files.", group="outputs")
     png_metadata: bool = opt(
@@ -453,6 +474,11 @@ def _check(s: Settings) -> Settings:
                     f"Setting 'warmup_sizes': {part} must have sides that are multiples of 16 within "
                     f"min_size..max_size ({s.min_size}..{s.max_size})."
                 )
+    if s.lora_max_rank < 1 or s.lora_cache < 1 or s.max_loras < 0:
+        raise SettingsError(
+            "Settings 'lora_max_rank' and 'lora_cache' must be at least 1, 'max_loras' at least 0 "
+            f"(got {s.lora_max_rank}, {s.lora_cache}, {s.max_loras})."
+        )
     if s.gpu_max_memory:
         from zimage.model.memory import parse_max_memory
 

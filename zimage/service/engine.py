@@ -17,6 +17,7 @@ from dataclasses import replace
 from typing import Any
 
 from zimage.errors import (
+    BadLora,
     Cancelled,
     GenerationFailed,
     InvalidRequest,
@@ -26,6 +27,7 @@ from zimage.errors import (
     ShuttingDown,
     ZImageError,
 )
+from zimage.model.lora import LoraLibrary
 from zimage.model.pipeline import LoadedModel
 from zimage.model.presets import model_preset
 from zimage.ops.metrics import EngineMetrics
@@ -72,6 +74,9 @@ class Engine:
             self.pool = ReplicaPool()
         # Jobs waiting in front of the engine (the web server sets it to Gradio's queue length).
         self.waiting_elsewhere: Callable[[], int] = lambda: 0
+        # The LoRA files: listed for the page, checked before a job queues (each replica holds its own
+        # library on its own pipeline and checks every file against its layers again).
+        self.loras = LoraLibrary.from_settings(settings)
         self._ready = threading.Event()
         self._loading: threading.Thread | None = None
         self._loading_lock = threading.Lock()
@@ -224,12 +229,13 @@ class Engine:
         handing_off = False
         try:
             req = validate(request, self.limits)
+            self.loras.check(req.loras)  # a bad LoRA file is refused before it waits for the GPU
             self._admit(wait_ready)
             if save:
                 self.store.check_space()  # a full disk refuses the job before the GPU works for nothing
             req = replace(req, seed=resolve_seed(req.seed))
             req, reduced = self._load_aware(req)
-            job.total = req.steps
+            job.total = req.denoise_steps
             # Counted from here until its images are with the writer: shutdown waits for this
             # before it closes the writer, so an image finished as the drain ends is still saved.
             self._handoffs.begin()
@@ -474,6 +480,7 @@ class _Counter:
 
 _OUTCOMES: dict[type, str] = {
     InvalidRequest: "invalid",
+    BadLora: "invalid",
     NotReady: "unready",
     ShuttingDown: "rejected",
     Cancelled: "cancelled",
