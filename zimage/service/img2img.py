@@ -36,8 +36,11 @@ def source_pipelines(pipe: Any) -> tuple[Any, Any]:
         # bf16 weights to float32 (measured on an H200: 9.1 s instead of 0.89 s per text-to-image
         # after the first image-to-image, twice the memory). The constructor registers the same
         # module objects and moves nothing.
+        from zimage.model.memory import execute_on_transformer
+
         made = tuple(cls(**pipe.components) for cls in (ZImageImg2ImgPipeline, ZImageInpaintPipeline))
         for p in made:
+            execute_on_transformer(p)  # the split mode's device rule holds for these pipelines too
             p.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {"disable": True}))
         _PIPES[pipe] = made
     return _PIPES[pipe]
