@@ -4,6 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/install.sh
+# Gradio's cache (the images a page shows, uploads) goes to a folder of zimage's own next to
+# outputs/, never the shared /tmp/gradio: the purge cleans it. A folder set already wins.
+if [ -z "${ZIMAGE_GRADIO_CACHE_DIR:-}" ] && [ -z "${GRADIO_TEMP_DIR:-}" ]; then
+  export ZIMAGE_GRADIO_CACHE_DIR="$PWD/.cache/gradio"
+fi
 # The studio runs as a child process (not exec'd over this shell), so its start time, from which
 # the page, /ready and the log count the model's load, is the Python start and not this script's
 # pip run. It runs in a session of its own; Ctrl-C, SIGTERM and SIGHUP reach it once, as SIGTERM

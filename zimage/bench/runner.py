@@ -49,6 +49,8 @@ ROWS: dict[str, dict[str, Any]] = {
         "settings": {"memory_mode": "balanced"},
         "cap_gib": 16,
     },
+    # image to image vs text to image, LoRA switching and its recompiles (zimage/bench/toolbox.py)
+    "zimage-toolbox": {"kind": "toolbox", "page": "warm", "cache": "keep"},
     "zimage-lowvram-8g": {
         "kind": "zimage",
         "page": "warm",
@@ -623,7 +625,9 @@ def table(results: dict[str, Any]) -> str:
             )
             + " |"
         )
-    return "\n".join(lines)
+    from zimage.bench.toolbox import summary_lines
+
+    return "\n".join(lines + summary_lines(results))
 
 
 # ------------------------------------------------------------------------------------------
@@ -647,7 +651,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--row-timeout", type=float, default=560)
     r.add_argument("--also-nine", action="store_true", help="Plain rows also time 9 steps.")
     w = sub.add_parser("row", parents=[common], help="One row in this process (used by run).")
-    w.add_argument("--kind", choices=("plain", "zimage"), required=True)
+    w.add_argument("--kind", choices=("plain", "zimage", "toolbox"), required=True)
     w.add_argument("--variant", default="")
     w.add_argument("--settings", default="")
     w.add_argument("--cap-gib", type=float, default=0)
@@ -678,7 +682,12 @@ def main(argv: list[str] | None = None) -> int:
         print(table(json.loads(Path(args.model).read_text())))
         return 0
     if args.cmd == "row":
-        _emit(row_plain(args) if args.kind == "plain" else row_zimage(args))
+        if args.kind == "toolbox":
+            from zimage.bench.toolbox import row_toolbox
+
+            _emit(row_toolbox(args))
+        else:
+            _emit(row_plain(args) if args.kind == "plain" else row_zimage(args))
         return 0
     if args.cmd == "probe":
         _emit(probe(args))

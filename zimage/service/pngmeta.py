@@ -185,6 +185,11 @@ _FIELDS: dict[str, tuple[type, Any, Any]] = {
     "steps": (int, 1, 10_000),
     "guidance": (float, 0.0, 1000.0),
     "shift": (float, 0.0, 1000.0),
+    # image to image, inpainting and LoRAs (zimage/service/result.py: GenerationResult.toolbox)
+    "mode": (str, 20, None),
+    "strength": (float, 0.0, 1.0),
+    "feather": (int, 0, 10_000),
+    "source_sha256": (str, 64, None),
 }
 
 
@@ -199,6 +204,12 @@ def clean_parameters(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         if spec is None:
             if key == "timings" and isinstance(value, dict):
                 clean["timings"] = _timings(value)
+            elif key in _TOOLBOX:
+                checked = _TOOLBOX[key](value)
+                if checked is None:
+                    dropped.append(f"{key} ({_shown(value)})")
+                else:
+                    clean[key] = checked
             continue
         kind, low, high = spec
         if kind is str:
@@ -213,6 +224,37 @@ def clean_parameters(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         else:
             clean[key] = number
     return clean, dropped
+
+
+def _ints(value: Any, n: int) -> list[int] | None:
+    if not isinstance(value, list) or len(value) != n:
+        return None
+    out = [_number(v, int, 0, MAX_PNG_SIDE) for v in value]
+    return None if None in out else out
+
+
+def _loras(value: Any) -> list[dict[str, Any]] | None:
+    """[{name, weight, sha256}], at most 16, each checked; anything else drops the field."""
+    if not isinstance(value, list) or len(value) > 16:
+        return None
+    out = []
+    for entry in value:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or len(entry["name"]) > 255:
+            return None
+        weight = _number(entry.get("weight", 1.0), float, -100.0, 100.0)
+        sha = entry.get("sha256", "")
+        if weight is None or not isinstance(sha, str) or len(sha) > 64:
+            return None
+        out.append({"name": entry["name"], "weight": weight, "sha256": sha})
+    return out
+
+
+_TOOLBOX = {
+    "mask": lambda v: v if isinstance(v, bool) else None,
+    "outpaint": lambda v: _ints(v, 4),
+    "source_size": lambda v: _ints(v, 2),
+    "loras": _loras,
+}
 
 
 def _timings(value: dict[str, Any]) -> dict[str, Any]:

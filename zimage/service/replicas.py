@@ -286,6 +286,7 @@ class LocalReplica:
         return self._state
 
     def start(self) -> None:
+        from zimage.model.lora import LoraLibrary, compiled
         from zimage.model.pipeline import load_model
         from zimage.service.runner import Runner
 
@@ -293,7 +294,10 @@ class LocalReplica:
         try:
             with LocalReplica._loading:
                 self.model = load_model(self.settings, self.timeline)
-            self.runner = Runner(self.model, self.metrics, self.settings.real_length_prompt)
+            # this replica's LoRAs live on its own pipeline (the slot before the first compiled run)
+            self.loras = LoraLibrary.from_settings(self.settings)
+            self.runner = Runner(self.model, self.metrics, self.settings.real_length_prompt, loras=self.loras)
+            self.model.notes += self.loras.attach(self.model.pipe, compiled=compiled(self.settings, self.model))
             if self.settings.warmup:
                 stage = self.timeline.begin("warm-up")
                 for req in warmup_requests(self.settings):

@@ -28,6 +28,7 @@ from zimage.errors import UnreadableImage, ZImageError
 from zimage.model.presets import ASPECT_RATIOS
 from zimage.service.pngmeta import clean_parameters, read_parameters, read_parameters_checked
 from zimage.service.request import GUIDANCE_MAX, GenerationRequest
+from zimage.service.store import write_problem
 from zimage.web import gqueue
 from zimage.web.guard import INTERNAL_ERROR, Access, Refused, access_of
 from zimage.web.history import History
@@ -202,9 +203,16 @@ class Studio:
             self._jobs[session] = job
         values = FormValues(prompt, negative_prompt, width, height, steps, guidance, seed, count, shift)
         try:
-            return await anyio.to_thread.run_sync(
+            gallery, details = await anyio.to_thread.run_sync(
                 self._generate, job, values, _who(request), owner, progress, abandon_on_cancel=True
             )
+            if details.get("save_error"):
+                # the images kept in Gradio's cache are the asker's, as their uploads are
+                viewer = self.access.viewer(request)
+                for path, _caption in gallery:
+                    self.access.grant(path, viewer)
+                gr.Warning(details["save_error"], duration=None)  # stays until closed; the summary repeats it
+            return gallery, details
         except anyio.get_cancelled_exc_class():
             job.cancel()
             raise
@@ -231,8 +239,7 @@ class Studio:
             raise gr.Error(INTERNAL_ERROR, print_exception=False) from None
         details = result.details()
         self.runs.clock.observe(details)
-        gallery = [(p, f"seed {s}") for p, s in zip(paths, result.seeds)]
-        return gallery, details
+        return _gallery(result, paths, details), details
 
     def _wait_for_model(self, progress: gr.Progress, job: Any) -> None:
         """A request made while loading holds its place and says what the model is doing."""
@@ -630,6 +637,31 @@ class Studio:
     def gradio_waiting(self) -> int:
         """Requests waiting in Gradio's queue (not yet handed to the engine)."""
         return len(gqueue.waiting(self.blocks, GPU_QUEUE))
+
+
+def _gallery(result: Any, paths: list[str], details: dict[str, Any]) -> list[tuple[str, str]]:
+    """The result's images in order: saved ones from the outputs folder; ones that could not be
+    saved (disk full, read-only) from their PNG bytes, put in Gradio's cache (zimage's own
+    folder) so the user still sees and downloads them."""
+    from gradio.processing_utils import save_bytes_to_cache
+    from gradio.utils import get_upload_folder
+
+    unsaved = {u.index: u for u in result.unsaved}
+    saved = iter(paths)
+    items: list[tuple[str, str]] = []
+    for i, seed in enumerate(result.seeds):
+        image = unsaved.get(i)
+        if image is None:
+            items.append((next(saved), f"seed {seed}"))
+            continue
+        try:
+            items.append((save_bytes_to_cache(image.data, image.name, get_upload_folder()), f"seed {seed} · not saved"))
+        except OSError as exc:
+            log.error("could not keep unsaved image %s in Gradio's cache either: %s", image.name, exc)
+            details["save_error"] = (
+                f"{details['save_error']} Some could not be kept for download either, because {write_problem(exc)}."
+            )
+    return items
 
 
 def _whole(value: Any) -> int | None:

@@ -111,10 +111,10 @@ class _Inputs:
     negative: gr.Textbox
     width: gr.Number
     height: gr.Number
-    steps: gr.Slider
+    steps: gr.Slider | gr.Number
     guidance: gr.Slider
     seed: gr.Number
-    count: gr.Slider
+    count: gr.Slider | gr.Number
     shift: gr.Slider
 
     def as_list(self) -> list[gr.components.Component]:
@@ -219,12 +219,10 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
                     with gr.Row(elem_id="zi-seed-buttons"):
                         random_btn = gr.Button(tr("seed_random"), size="sm", elem_id="zi-seed-random")
                         reuse_btn = gr.Button(tr("seed_reuse"), size="sm", elem_id="zi-seed-reuse")
-                    steps = gr.Slider(
+                    steps = _whole_slider(
                         1,
                         settings.max_steps,
-                        value=settings.default_steps,
-                        step=1,
-                        precision=0,
+                        settings.default_steps,
                         label=tr("steps"),
                         info=tr("steps_info"),
                         elem_id="zi-steps",
@@ -238,12 +236,10 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
                         info=tr("guidance_info"),
                         elem_id="zi-guidance",
                     )
-                    count = gr.Slider(
+                    count = _whole_slider(
                         1,
                         settings.max_count,
-                        value=1,
-                        step=1,
-                        precision=0,
+                        1,
                         label=tr("count"),
                         info=tr("count_info"),
                         elem_id="zi-count",
@@ -453,6 +449,22 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
 
     demo.queue(max_size=settings.queue_size, api_open=False, default_concurrency_limit=1)
     return demo
+
+
+def _whole_slider(lo: int, hi: int, value: int, label: str, info: str, elem_id: str) -> gr.Slider | gr.Number:
+    """A slider of whole numbers; a fixed, read-only number when the settings leave one choice
+    (max_count 1, max_steps 1): Gradio refuses a slider whose minimum equals its maximum."""
+    if lo >= hi:
+        text = t("en", info.key) if hasattr(info, "key") else str(info)  # a rare setting: said in English
+        return gr.Number(
+            value=lo,
+            precision=0,
+            interactive=False,
+            label=label,
+            info=f"{text} This server allows only {lo}.",
+            elem_id=elem_id,
+        )
+    return gr.Slider(lo, hi, value=value, step=1, precision=0, label=label, info=info, elem_id=elem_id)
 
 
 def _wire_form(studio, inputs, aspect, tier, size_md, last_seed, random_btn, reuse_btn, tokens) -> None:

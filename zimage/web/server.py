@@ -160,7 +160,10 @@ class WebServer:
     """The engine, the operations and the page, behind one FastAPI app."""
 
     def __init__(self, settings: Settings, users: list[tuple[str, str]] | None = None):
-        from zimage.ops.operations import Operations
+        from zimage.ops.operations import Operations, prepare_gradio_cache
+
+        prepare_gradio_cache(settings.gradio_cache_dir)  # zimage's own Gradio cache, before Gradio loads
+
         from zimage.service.engine import Engine
         from zimage.web.page import build_ui
 
@@ -271,6 +274,9 @@ class WebServer:
             return {"ready": False, "reason": "shutting down: no new jobs"}, 503
         load = engine.timeline.snapshot()
         if engine.ready:
+            storage = engine.storage()
+            if not storage.ok:  # honest: new jobs are refused, or their images cannot be saved
+                return {"ready": False, "reason": storage.reason, "outputs_free_bytes": storage.free_bytes}, 503
             st = engine.status()
             return {
                 "ready": True,
@@ -278,6 +284,7 @@ class WebServer:
                 "device": st["device_name"] or st["device"],
                 "memory_mode": st["memory_mode"],
                 "load_seconds": load["ready_at_s"],
+                "outputs_free_bytes": storage.free_bytes,
             }, 200
         if engine.load_error:
             return {"ready": False, "reason": f"the model failed to load: {engine.load_error}", "load": load}, 503
@@ -480,4 +487,9 @@ def run(settings: Settings) -> int:
             settings.host,
             settings.port,
         )
-    return create_app(settings, users).serve()
+    try:
+        server = create_app(settings, users)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return server.serve()
