@@ -123,7 +123,9 @@ def _generate(ns: argparse.Namespace, settings: Settings) -> int:
     from zimage.service.store import write_png, write_problem
 
     # Validate what the user typed before paying for the model.
-    engine = Engine(settings.replace(warmup=False))
+    # one image, one pipeline: 'auto' would load a replica on every GPU for a single run
+    replicas = "1" if settings.replicas == "auto" else settings.replicas
+    engine = Engine(settings.replace(warmup=False, replicas=replicas))
     w, h = engine.default_size
     if ns.image is None and (ns.strength is not None or ns.mask is not None or ns.outpaint):
         print("error: --strength, --mask and --outpaint need a source picture: add --image IN.png.", file=sys.stderr)
@@ -163,6 +165,8 @@ def _generate(ns: argparse.Namespace, settings: Settings) -> int:
         return EXIT_BAD_INPUT
     try:
         engine.load()
+        if engine.runner is not None and engine.runner.loras is not None:  # the replica's library: the files named here
+            engine.runner.loras.extra.update(engine.loras.extra)
         result = engine.generate(request, save=False)
     except ModelNotFound as exc:
         print(f"error: {exc}", file=sys.stderr)
