@@ -32,6 +32,9 @@ ROWS: dict[str, dict[str, Any]] = {
     "plain-compiled": {"kind": "plain", "variant": "compiled", "page": "warm"},
     "plain-model-offload": {"kind": "plain", "variant": "model-offload", "page": "warm", "runs": 2},
     "plain-group-offload": {"kind": "plain", "variant": "group-offload", "page": "warm", "runs": 3},
+    "app-first": {"kind": "app", "page": "cold", "cache": "empty"},
+    "app-cold": {"kind": "app", "page": "cold", "cache": "keep"},
+    "app-warm": {"kind": "app", "page": "warm", "cache": "keep"},
     "zimage-first": {"kind": "zimage", "page": "cold", "cache": "empty"},
     "zimage-cold": {"kind": "zimage", "page": "cold", "cache": "keep"},
     "zimage-warm": {"kind": "zimage", "page": "warm", "cache": "keep"},
@@ -73,6 +76,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 with open(f, "rb") as fh:
                     while fh.read(64 << 20):
                         pass
+        if spec["kind"] == "app":
+            results["rows"][name] = _app(args, spec, name, model, workdir, cache, method)
+            _write(args, results)
+            continue
         cmd = [
             sys.executable,
             "-m",
@@ -117,11 +124,76 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             row["error"] = (proc.stderr or proc.stdout)[-3000:]
         results["rows"][name] = row
         print(f"{name}: {json.dumps(row)[:1500]}", flush=True)
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(results, indent=2))
+        _write(args, results)
     print(table(results))
+    print(app_table(results))
     return results
+
+
+def _write(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+def _app(args, spec, name, model: Path, workdir: Path, cache: Path, method: str) -> dict[str, Any]:
+    """A row through the real app (zimage.bench.app_rows), from this process."""
+    from zimage.bench.app_rows import app_row
+
+    row: dict[str, Any] = {"page_cache": method, "compile_cache": spec.get("cache")}
+    t = time.perf_counter()
+    try:
+        row.update(
+            app_row(
+                str(model),
+                workdir / name,
+                cache,
+                args.size,
+                args.steps,
+                warm_images=args.runs,
+                timeout=args.row_timeout,
+            )
+        )
+    except Exception as exc:  # noqa: BLE001 - a failed row is a result; the run goes on
+        row["error"] = f"{type(exc).__name__}: {exc}"
+        log = workdir / name / "app.log"
+        if log.is_file():
+            row["log_tail"] = log.read_text(errors="replace")[-3000:]
+    row["process_wall_s"] = round(time.perf_counter() - t, 2)
+    print(f"{name}: {json.dumps({k: v for k, v in row.items() if k != 'images'})[:1500]}", flush=True)
+    return row
+
+
+def app_table(results: dict[str, Any]) -> str:
+    rows = {n: r for n, r in results["rows"].items() if n.startswith("app-")}
+    if not rows:
+        return ""
+    lines = [
+        "",
+        "| row (real app) | page up | /ready = 200 | first image | full speed | first image latency | "
+        "eager latency | warm latency (median) | warm engine (median) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def f(x):
+        return "-" if x is None else f"{x:.2f} s" if isinstance(x, (int, float)) else str(x)
+
+    for name, r in rows.items():
+        if "error" in r:
+            lines.append(f"| {name} | error: {r['error'][:100]} |")
+            continue
+        cells = [
+            r.get("page_up_s"),
+            r.get("ready_s"),
+            r.get("first_image_s"),
+            r.get("full_speed_s"),
+            r.get("first_image_latency_s"),
+            r.get("eager_latency_s"),
+            r.get("warm_latency_median_s"),
+            r.get("warm_engine_median_s"),
+        ]
+        lines.append(f"| {name} | " + " | ".join(f(c) for c in cells) + " |")
+    return "\n".join(lines)
 
 
 def table(results: dict[str, Any]) -> str:
@@ -139,6 +211,8 @@ def table(results: dict[str, Any]) -> str:
         return "-" if x is None else f"{x:.3f} {unit}" if isinstance(x, float) else str(x)
 
     for name, r in results["rows"].items():
+        if name.startswith("app-"):
+            continue
         if "error" in r:
             lines.append(
                 f"| {name} | error: {r['error'].strip().splitlines()[-1][:80] if r['error'].strip() else '?'} |"
@@ -216,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
         return 0
     if args.cmd == "table":
-        print(table(json.loads(Path(args.model).read_text())))
+        results = json.loads(Path(args.model).read_text())
+        print(table(results))
+        print(app_table(results))
         return 0
     if args.cmd == "row":
         from zimage.bench.rows import row_plain, row_zimage

@@ -18,6 +18,7 @@ from typing import Any
 from zimage.errors import Cancelled, GenerationFailed, InvalidRequest, NotReady, OutOfMemory, ShuttingDown, ZImageError
 from zimage.model.pipeline import LoadedModel, load_model
 from zimage.model.presets import model_preset, parse_size
+from zimage.model.speed import WARMUP_PROMPT
 from zimage.ops.metrics import EngineMetrics
 from zimage.ops.profiler import LoadTimeline, RecentJobs, memory_snapshot
 from zimage.service.jobs import Admission, Job
@@ -50,6 +51,8 @@ class Engine:
         self._loading: threading.Thread | None = None
         self._loading_lock = threading.Lock()
         self._images_made = 0
+        self.compiler = None  # zimage.model.compiler.CompileBeside once the model is loaded
+        self.compile_backend: object = "inductor"  # torch.compile backend of the compile beside
         self.metrics.on_scrape(self._refresh_metrics)
 
     # --- what is loaded (None until then) -------------------------------------------------
@@ -114,37 +117,111 @@ class Engine:
             log.exception("model loading failed")
 
     def load(self) -> None:
+        """Load, warm the eager path, be ready; the compiled blocks follow beside (see compiler.py)."""
         tl = self.timeline
         try:
             self.model = load_model(self.settings, tl)
             self.runner = Runner(self.model, self.metrics, self.settings.real_length_prompt)
+            compiler = self._start_compile() if self.model.compile_mode != "off" else None
             if self.settings.warmup:
-                from zimage.model.speed import WARMUP_PROMPT
-
                 stage = tl.begin("warm-up")
-                self._warmup(WARMUP_PROMPT)
-                tl.end(stage)
+                self._warmup(WARMUP_PROMPT, steps=1)
+                tl.end(stage, "eager path, 1 step")
+            if compiler is not None and not compiler.is_started:
+                compiler.start(tl.origin)  # after the eager warm-up: it takes the GPU lock
             tl.ready()
             self.metrics.load_seconds.set(tl.ready_at or 0.0)
             self.metrics.ready.set(1)
+            self.metrics.full_speed.set(0 if compiler is not None else 1)
             self.metrics.mode.labels(self.model.plan.mode).set(1)
             self._ready.set()
-            log.info("model ready in %.1fs since process start (%s)", tl.ready_at, self.model.plan.mode)
+            self._log_timeline()
+            log.info(
+                "model ready in %.1fs since process start (%s)%s",
+                tl.ready_at,
+                self.model.plan.mode,
+                f", full speed in about {compiler.eta():.0f}s (compiling beside)" if compiler else "",
+            )
+            if compiler is None:
+                self._after_start()
         except Exception as exc:
             tl.fail(str(exc) if isinstance(exc, ZImageError) else f"{type(exc).__name__}: {exc}")
             raise
 
-    def _warmup(self, prompt: str) -> None:
-        """One short generation per warm-up size: pays for compiling, cuDNN/cuBLAS set-up and
-        allocator growth before the first user does. Blocks are compiled with dynamic shapes, so
-        other prompt lengths and sizes do not recompile (bench explore measured 0.5 s for a new
-        caption length against 21 s for the first compile)."""
+    def _start_compile(self):
+        """The compile beside serving; started now when it runs beside jobs, else after the warm-up."""
+        from zimage.model.compiler import CompileBeside
+
+        req = self._warmup_requests(WARMUP_PROMPT, steps=2)
+        compiler = CompileBeside(
+            self.model,
+            self.settings,
+            self.model.compile_mode,
+            self.admission.lock,
+            [(r.width, r.height) for r in req],
+            backend=self.compile_backend,
+            run_job=lambda: [self.runner.run(r, Job(), None) for r in req],
+        )
+        compiler.on_done = self._compile_done
+        self.compiler = compiler
+        if compiler.concurrent:
+            compiler.start(self.timeline.origin)
+        return compiler
+
+    def _compile_done(self, compiler) -> None:
+        if compiler.state == "live":
+            self.metrics.full_speed.set(1)
+            self.model.notes.append(compiler.detail)
+        else:
+            self.model.notes.append(f"eager only: the compile failed ({compiler.error})")
+        self._log_timeline()
+        self._after_start()
+
+    def _log_timeline(self) -> None:
+        """The load (and compile) timeline as one JSON line: the benchmark reads it from the log."""
+        import json
+
+        snap = self.timeline.snapshot()
+        data = {"ready_at_s": snap["ready_at_s"], "stages": snap["stages"], "speed": self.speed_status()}
+        log.info("load timeline %s", json.dumps(data))
+
+    def _after_start(self) -> None:
+        """Everything is loaded and imported: record the files read (the next start reads them ahead)."""
+        from zimage.model.early import write_manifest
+
+        write_manifest(self.settings.compile_cache_dir)
+
+    def _warmup_requests(self, prompt: str, steps: int) -> list[GenerationRequest]:
         w, h = self.default_size
         sizes = [parse_size(x) for x in self.settings.warmup_sizes.split(",") if x.strip()] or [(w, h)]
-        for ww, hh in sizes:
-            req = validate(GenerationRequest(prompt=prompt, width=ww, height=hh, steps=2, seed=0), self.limits)
-            with self.admission.lock:
+        return [
+            validate(GenerationRequest(prompt=prompt, width=ww, height=hh, steps=steps, seed=0), self.limits)
+            for ww, hh in sizes
+        ]
+
+    def _warmup(self, prompt: str, steps: int = 1) -> None:
+        """One short eager generation per warm-up size: pays for cuDNN/cuBLAS set-up and allocator
+        growth before the first user does. The compiled blocks warm up beside (compiler.py)."""
+        for req in self._warmup_requests(prompt, steps):
+            with self.admission.lock, self._path(eager=True):
                 self.runner.run(req, Job(), None)
+
+    def _path(self, eager: bool = False):
+        """The path a job starting now takes (kept for the whole job); eager without a compiler."""
+        import contextlib
+
+        compiler = self.compiler
+        if compiler is None:
+            return contextlib.nullcontext("eager")
+        if eager:
+            return compiler.switch.path(False)
+        from zimage.model.speed import compile_mode
+
+        allowed = (
+            compile_mode(self.settings, "cuda" if self.model.device.startswith("cuda") else "cpu", self.model.plan.mode)
+            != "off"
+        )
+        return compiler.switch.job(allowed)
 
     # --- jobs ------------------------------------------------------------------------------
 
@@ -176,10 +253,12 @@ class Engine:
             self._admit(wait_ready)
             req = replace(req, seed=resolve_seed(req.seed))
             job.total = req.steps
-            with self.admission.turn(job):
+            with self.admission.turn(job), self._path() as path:
                 queue_wait = time.perf_counter() - t_request
                 started_at = time.time()
                 result = self.runner.run_with_fallback(req, job, progress)
+            result.compute_path = path
+            self.metrics.jobs_by_path.labels(path).inc()
             result.timings.queue_wait = queue_wait
             result.started_at = started_at
         except BaseException as exc:  # noqa: BLE001 - accounted for, then raised as a user-facing error
@@ -254,7 +333,7 @@ class Engine:
     def _log_request(self, req: GenerationRequest, result: GenerationResult | None, outcome: str, error) -> None:
         # Every request gets its line, the ones that never ran too (invalid, refused while shutting
         # down or loading, cancelled in the queue); %s because an invalid request may hold any value.
-        times = result.timings.summary() if result else f"error: {str(error)[:200]}"
+        times = f"path {result.compute_path}, {result.timings.summary()}" if result else f"error: {str(error)[:200]}"
         log.info(
             "request user=%s size=%sx%s steps=%s count=%s seed=%s outcome=%s %s",
             req.user or "-",
@@ -299,7 +378,25 @@ class Engine:
             "memory": memory_snapshot(),
             "last": self.recent.last(),
             "pending_writes": self.store.pending,
+            "speed": self.speed_status(),
         }
+
+    def speed_phrase(self) -> str:
+        """'ready (full speed)', 'ready (full speed in about 12 s)' or why it stays eager."""
+        sp = self.speed_status()
+        if sp.get("full_speed"):
+            return "ready (full speed)"
+        if sp.get("state") == "failed":
+            return "ready (eager speed: the compile failed)"
+        eta = sp.get("eta_s")
+        return f"ready (full speed in about {eta:.0f} s)" if eta is not None else "ready (compiling)"
+
+    def speed_status(self) -> dict[str, Any]:
+        """Eager or compiled, and when full speed comes: the banner and /ready say it."""
+        compiler = self.compiler
+        if compiler is None:
+            return {"state": "eager-only" if self.model else "loading", "full_speed": bool(self.model), "eta_s": 0.0}
+        return compiler.snapshot()
 
     # --- shutdown --------------------------------------------------------------------------
 

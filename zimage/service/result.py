@@ -68,6 +68,7 @@ class GenerationResult:
     started_at: float = 0.0  # wall clock when the job got the GPU (its date in history and metadata)
     paths: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # e.g. "retried with VAE tiling after OOM"
+    compute_path: str = "eager"  # "eager" or "compiled" (blocks), as zimage.model.compiler routed it
     _saved: Any = None  # concurrent.futures.Future[list[str]] while the PNGs are written
 
     def wait_saved(self, timeout: float | None = None) -> list[str]:
@@ -131,6 +132,7 @@ class GenerationResult:
             "timings": self.timings.as_dict(),
             "started_at": self.started_at,
             "job": self.job_id,
+            "compute_path": self.compute_path,
         }
 
 

@@ -216,9 +216,17 @@ def render_banner(status: dict[str, Any]) -> str:
             "<span>Requests wait in the queue until it is ready.</span></div>"
         )
     device = status.get("device_name") or status.get("device")
+    speed = status.get("speed") or {}
+    if speed.get("full_speed", True):
+        pace = ""
+    elif speed.get("state") == "failed":
+        pace = " · eager speed (the compile failed)"
+    else:
+        eta = speed.get("eta_s")
+        pace = f" · full speed in about {eta:.0f} s" if eta is not None else " · compiling"
     return (
         '<div class="zi-banner zi-banner-ready"><span class="zi-dot"></span><b>Ready</b> · '
-        f"{_e(status.get('model', ''))} on {_e(device)} · mode {_e(status.get('memory_mode'))}</div>"
+        f"{_e(status.get('model', ''))} on {_e(device)} · mode {_e(status.get('memory_mode'))}{_e(pace)}</div>"
     )
 
 
