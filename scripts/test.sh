@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Install zimage and its test tools into .venv, then lint and run the whole test suite on the CPU.
+# Arguments go to pytest: `bash scripts/test.sh -m "not slow"` runs the fast core (no process,
+# server or browser started; under a minute), `bash scripts/test.sh tests/test_engine.py` one file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/install.sh

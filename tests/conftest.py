@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from .support import ROOT
+
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -50,9 +51,3 @@ def engine(make_settings):
     eng.load()
     yield eng
     eng.shutdown(grace_s=5)
-
-
-def pixels(image):
-    import numpy as np
-
-    return np.asarray(image, dtype=np.int16)

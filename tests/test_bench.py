@@ -10,10 +10,11 @@ import pytest
 from zimage.model import tiny
 from zimage.model.fullsize import CONFIGS, build
 
-from .conftest import ROOT
+from .support import ROOT
+
+pytestmark = pytest.mark.slow  # python -m zimage bench in a subprocess
 
 
-@pytest.mark.slow
 def test_bench_run_writes_rows_and_table(tmp_path):
     """Engine-only rows and a row through the real app (app.py, gradio_client), with the tiny
     model's architecture on the CPU; the app row also shows the start order: the model load

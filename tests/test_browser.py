@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_server import start_server
+from .support import App
+
+pytestmark = pytest.mark.slow  # a real server and a real browser
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -31,7 +33,7 @@ TIMEOUT_MS = 60_000
 
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory, tiny_dir):
-    srv = start_server(tmp_path_factory.mktemp("browser"), tiny_dir)
+    srv = App(tmp_path_factory.mktemp("browser"), tiny_dir).wait_ready()
     yield srv
     srv.stop()
 

@@ -10,7 +10,9 @@ from PIL import Image
 
 from zimage.service.store import read_parameters
 
-from .conftest import ROOT
+from .support import ROOT
+
+pytestmark = pytest.mark.slow  # every test runs python -m zimage in a subprocess
 
 
 def run(args, tiny_dir, tmp_path, env_extra=None, timeout=240):

@@ -10,7 +10,7 @@ from zimage.errors import Cancelled, InvalidRequest, NotReady
 from zimage.service.engine import Engine
 from zimage.service.request import GenerationRequest
 
-from .conftest import pixels
+from .support import pixels, wait_until
 
 
 def gen(engine, **kw):
@@ -128,8 +128,7 @@ def test_cancel_while_queued(engine):
 
     t = threading.Thread(target=second)
     t.start()
-    time.sleep(0.3)
-    assert engine.queue_depth == 1
+    wait_until(lambda: engine.queue_depth == 1, what="the second job to wait for the GPU")
     queued.cancel()
     t.join(5)
     release.set()
@@ -138,8 +137,11 @@ def test_cancel_while_queued(engine):
 
 
 def test_lock_serialises_concurrent_jobs(engine):
+    """Four threads generate at once: each job runs whole (text encoder to decode) alone, and every
+    one of them finishes with its image."""
     inside = []
     overlaps = []
+    results = {}
 
     def progress(phase, done, total):
         if phase == "text":
@@ -149,19 +151,22 @@ def test_lock_serialises_concurrent_jobs(engine):
         if phase == "decode":
             inside.pop()
 
-    threads = [
-        threading.Thread(
-            target=engine.generate,
-            args=(GenerationRequest("p", width=64, height=64, steps=3, seed=i),),
-            kwargs={"progress": progress, "save": False},
+    def run(seed):
+        # an exception here fails the test too (pytest: unhandled thread exceptions are errors)
+        results[seed] = engine.generate(
+            GenerationRequest("p", width=64, height=64, steps=3, seed=seed), progress=progress, save=False
         )
-        for i in range(4)
-    ]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(30)
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
     assert not overlaps
+    assert sorted(results) == [0, 1, 2, 3]
+    for seed, result in results.items():
+        assert result.seeds == [seed] and result.images[0].size == (64, 64)
 
 
 def test_invalid_request_is_refused_before_the_gpu(engine):

@@ -13,7 +13,7 @@ import torch
 from zimage.service.engine import Engine
 from zimage.service.request import GenerationRequest
 
-from .conftest import pixels
+from .support import pixels
 
 PROMPT = "A cozy wooden cabin in snowy woods at night, warm light in the windows"
 CASES = [
@@ -73,6 +73,7 @@ def test_fast_path_matches_plain_pipeline(name, make_settings, references):
             assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (name, w, h, g, diff.max(), (diff > 0).mean())
 
 
+@pytest.mark.slow  # Inductor runs the C++ compiler in subprocesses: 12-20 s on 2 cores
 def test_regional_compile_matches_plain_pipeline(make_settings, references, tmp_path):
     """The GPU default compiles the transformer blocks (dynamic shapes). Inductor on the CPU runs
     the same compile path: same picture, and a second caption length and size do not recompile."""

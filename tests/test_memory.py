@@ -20,7 +20,7 @@ from zimage.model.memory import (
 from zimage.service.engine import Engine
 from zimage.service.request import GenerationRequest
 
-from .conftest import pixels
+from .support import pixels
 
 GiB = 1 << 30
 # The real model's sizes (bf16, text encoder trimmed), as footprint() reads them from the headers.

@@ -9,6 +9,8 @@ import time
 from zimage.ops.operations import Operations, gradio_cache_dir
 from zimage.ops.watchdog import WATCHDOG_EXIT_CODE
 
+from .support import metric_value, wait_until
+
 HOUR = 3600.0
 
 
@@ -42,9 +44,9 @@ def test_start_purges_on_schedule_and_hooks_the_watchdog(engine, make_settings, 
         assert engine.job_listeners.count(ops.watchdog) == 1
         first = old_file(outputs / "20250101-000000-000000-seed1.png")
         cached = old_file(cache / ("d" * 64) / "image.webp")
-        _wait(lambda: not first.exists() and not cached.exists())
+        wait_until(lambda: not first.exists() and not cached.exists(), 15)
         second = old_file(outputs / "20250101-000000-000001-seed2.png")  # a later run takes it too
-        _wait(lambda: not second.exists())
+        wait_until(lambda: not second.exists(), 15)
         status = ops.status()
         json.dumps(status)  # plain data, ready for the panel
         assert all(v is None or isinstance(v, (str, int, float, bool)) for v in status.values())
@@ -62,7 +64,8 @@ def test_start_purges_on_schedule_and_hooks_the_watchdog(engine, make_settings, 
     assert stopped_in < 2.5 and not ops.purger.running
     assert ops.watchdog not in engine.job_listeners
     after = engine.metrics.render().decode()
-    assert _metric(after, "zimage_purged_files_total") - _metric(before, "zimage_purged_files_total") >= 3
+    purged = metric_value(after, "zimage_purged_files_total") - (metric_value(before, "zimage_purged_files_total") or 0)
+    assert purged >= 3
     assert exits == []  # CPU: no VRAM readings, no exit
 
 
@@ -86,17 +89,3 @@ def test_purge_every_zero_means_never_but_a_run_still_works(engine, make_setting
         assert status["watchdog"] == f"exit {WATCHDOG_EXIT_CODE} on an unrecoverable CUDA error; memory check off"
     finally:
         ops.stop()
-
-
-def _metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
-
-
-def _wait(predicate, timeout=15.0):
-    end = time.time() + timeout
-    while not predicate():
-        assert time.time() < end, "timed out"
-        time.sleep(0.02)

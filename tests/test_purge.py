@@ -14,6 +14,8 @@ from zimage.ops.metrics import EngineMetrics
 from zimage.ops.purge import FileInfo, PurgePolicy, Purger, choose
 from zimage.service.store import TMP_PREFIX, OutputStore, is_output_name, output_name
 
+from .support import wait_until
+
 HOUR = 3600.0
 NOW = time.time()
 
@@ -188,7 +190,7 @@ def test_a_file_written_during_purges_is_never_removed(tmp_path):
     thread = threading.Thread(target=writer)
     thread.start()
     try:
-        _wait(lambda: path.stat().st_size > 100)  # the writer has begun
+        wait_until(lambda: path.stat().st_size > 100)  # the writer has begun
         for _ in range(20):
             assert purger.run_once().files == 0
             time.sleep(0.02)
@@ -246,12 +248,12 @@ def test_an_error_in_one_run_does_not_stop_the_next(tmp_path):
     purger = Purger(outputs, policy=PurgePolicy(max_age_s=HOUR), every_s=0.1, metrics=metrics)
     assert purger.start()
     try:
-        _wait(lambda: purger.totals["errors"] >= 2)
+        wait_until(lambda: purger.totals["errors"] >= 2)
         assert purger.last.outcome == "error" and "outputs" in purger.last.errors[0]
         outputs.unlink()
         old = make(outputs, out_name(1), 900 * HOUR)
-        _wait(lambda: not old.exists())
-        _wait(lambda: purger.last.outcome == "ok")
+        wait_until(lambda: not old.exists())
+        wait_until(lambda: purger.last.outcome == "ok")
     finally:
         purger.stop()
     assert not purger.running
@@ -271,7 +273,7 @@ def test_an_error_in_one_folder_does_not_stop_the_others(tmp_path):
 def test_stop_is_prompt_and_zero_means_never(tmp_path):
     purger = Purger(tmp_path, policy=PurgePolicy(max_age_s=HOUR), every_s=3600)
     assert purger.start()
-    _wait(lambda: purger.last is not None)
+    wait_until(lambda: purger.last is not None)
     t0 = time.perf_counter()
     purger.stop()
     assert time.perf_counter() - t0 < 1.0 and not purger.running
@@ -293,10 +295,3 @@ def test_stop_is_prompt_and_zero_means_never(tmp_path):
 def test_choose_table(ages, sizes, policy, expected):
     files = [FileInfo(n, s, 100.0 - a) for n, a, s in zip("abc", ages, sizes)]
     assert [(f.name, why) for f, why in choose(files, policy, now=100.0)] == expected
-
-
-def _wait(predicate, timeout=10.0):
-    end = time.time() + timeout
-    while not predicate():
-        assert time.time() < end, "timed out"
-        time.sleep(0.02)

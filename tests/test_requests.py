@@ -55,27 +55,35 @@ def test_bad_input_names_field_value_and_allowed(changes, field, fragments):
 
 
 GOOD = [
-    dict(),
-    dict(width=256, height=2048),
-    dict(width=2048, height=256),
-    dict(steps=1),
-    dict(steps=50),
-    dict(guidance=0),
-    dict(guidance=10),
-    dict(seed=0),
-    dict(seed=SEED_MAX),
-    dict(count=8),
-    dict(prompt="x" * 2000),
-    dict(prompt="一只猫坐在窗台上"),
-    dict(width=1024.0, steps="8", seed="42"),  # widgets send floats and strings
+    # (changes, the values validate gives back: the request's own, as numbers of the right type)
+    (dict(), dict(width=1024, height=1024, steps=8, guidance=0.0, seed=-1, count=1)),
+    (dict(width=256, height=2048), dict(width=256, height=2048)),
+    (dict(width=2048, height=256), dict(width=2048, height=256)),
+    (dict(steps=1), dict(steps=1)),
+    (dict(steps=50), dict(steps=50)),
+    (dict(guidance=0), dict(guidance=0.0)),
+    (dict(guidance=10), dict(guidance=10.0)),
+    (dict(seed=0), dict(seed=0)),
+    (dict(seed=SEED_MAX), dict(seed=SEED_MAX)),
+    (dict(count=8), dict(count=8)),
+    (dict(prompt="x" * 2000), dict(prompt="x" * 2000)),
+    (dict(prompt="一只猫坐在窗台上"), dict(prompt="一只猫坐在窗台上")),
+    # widgets send floats and strings
+    (
+        dict(width=1024.0, height="768", steps="8", guidance="2.5", seed="42", count=2.0),
+        dict(width=1024, height=768, steps=8, guidance=2.5, seed=42, count=2),
+    ),
 ]
 
 
-@pytest.mark.parametrize("changes", GOOD)
-def test_good_input_is_accepted_and_normalised(changes):
+@pytest.mark.parametrize("changes,expected", GOOD)
+def test_good_input_is_accepted_and_normalised(changes, expected):
     out = validate(req(**changes), LIMITS)
-    assert isinstance(out.width, int) and isinstance(out.steps, int) and isinstance(out.seed, int)
-    assert isinstance(out.guidance, float)
+    got = {k: getattr(out, k) for k in expected}
+    assert got == expected
+    assert {k: type(v) for k, v in got.items()} == {k: type(v) for k, v in expected.items()}
+    assert all(type(getattr(out, k)) is int for k in ("width", "height", "steps", "seed", "count"))
+    assert type(out.guidance) is float
 
 
 def test_bounds_are_settings():

@@ -9,7 +9,7 @@ import pytest
 from zimage.errors import SettingsError
 from zimage.settings import Settings, from_sources
 
-from .conftest import ROOT
+from .support import ROOT
 
 
 def test_defaults():
@@ -75,6 +75,7 @@ def test_env_bad_value_names_variable(tmp_path, monkeypatch):
         from_sources({}, environ={"ZIMAGE_WARMUP": "maybe"})
 
 
+@pytest.mark.slow  # a Python process per entry point
 @pytest.mark.parametrize("entry", [["-m", "zimage", "--help"], ["app.py", "--help"]])
 def test_help_lists_every_setting(entry):
     out = subprocess.run([sys.executable, *entry], cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -83,9 +84,13 @@ def test_help_lists_every_setting(entry):
         assert "--" + f.name.replace("_", "-") in out.stdout, f.name
 
 
-def test_settings_are_frozen():
-    s = Settings()
+def test_settings_change_only_through_replace():
+    """Read once and passed down: no part can change the settings another part holds."""
     import dataclasses
 
+    s = from_sources({}, environ={})
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.port = 1  # type: ignore[misc]
+    t = s.replace(port=8000, queue_size=3)
+    assert (s.port, s.queue_size) == (7860, 16) and (t.port, t.queue_size) == (8000, 3)
+    assert dataclasses.replace(t, port=7860, queue_size=16) == s

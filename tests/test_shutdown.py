@@ -4,64 +4,28 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
 from zimage.ops.watchdog import WATCHDOG_EXIT_CODE
 
-from .conftest import ROOT
-from .test_ops_support import (
+from .support import (
     JOB_SIZE,
     JOB_STEPS,
+    ROOT,
     START_TIMEOUT,
-    app_args,
-    app_env,
+    App,
     check_outputs,
-    free_port,
     group_alive,
     http_get,
-    is_ready,
-    kill_group,
     submit_job,
-    wait_job_running,
+    wait_running,
     wait_until,
 )
 
-
-class App:
-    """`python app.py ...` in a process group of its own; the finalizer kills what is left."""
-
-    def __init__(self, root: Path, tiny_dir: Path, driver: str | None = None, **settings: str):
-        self.root = root
-        self.port = free_port()
-        self.outputs = root / "outputs"
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log_path = root / "app.log"
-        env = dict(os.environ, **app_env(root, **settings))
-        args = app_args(self.port, tiny_dir, self.outputs)
-        # python app.py ..., or a driver script given the same settings
-        argv = [sys.executable, *args] if driver is None else [sys.executable, "-c", driver, *args[1:]]
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-
-    def wait_ready(self) -> None:
-        wait_until(lambda: is_ready(self.base) or self.proc.poll() is not None, START_TIMEOUT, "/ready")
-        assert self.proc.poll() is None, self.log()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            kill_group(self.proc.pid)
-        self.proc.wait(timeout=30)
+pytestmark = pytest.mark.slow  # every test here starts the app as a real process
 
 
 @pytest.fixture
@@ -75,13 +39,13 @@ def app_factory(tiny_dir, tmp_path_factory):
 
     yield make
     for app in apps:
-        app.close()
+        app.kill()
 
 
 def stop_during_job(app: App, sig: int, size: int = JOB_SIZE) -> tuple[int, float]:
     app.wait_ready()
     job = submit_job(app.base, size=size)
-    wait_job_running(app.base)
+    wait_running(app.base)
     t0 = time.monotonic()
     os.kill(app.proc.pid, sig)
     code = app.proc.wait(timeout=120)
@@ -119,35 +83,42 @@ def test_sigint_lets_the_running_job_finish_and_write(app_factory):
     assert not group_alive(app.proc.pid)
 
 
-def test_no_new_jobs_while_draining(app_factory):
+def test_sigterm_drains_the_running_job_and_takes_no_new_one(app_factory):
+    """SIGTERM (what Supervisor sends) while a job runs: /ready says 503 and why, a later job is
+    refused, the running one finishes, reaches its client and is flushed to disk, exit code 0."""
+    from gradio_client.exceptions import AppError
+
     app = app_factory(shutdown_grace_s="60")
     app.wait_ready()
     first = submit_job(app.base)
-    wait_job_running(app.base)
+    wait_running(app.base)
     os.kill(app.proc.pid, signal.SIGTERM)
     wait_until(lambda: "shutting down (SIGTERM)" in app.log(), 30, "the drain to begin")
-    assert http_get(app.base + "/ready")[0] in (0, 503)  # not ready any more: a balancer stops sending
-    try:
-        late = submit_job(app.base, size=256, steps=2, seed=8)
-    except Exception:  # noqa: BLE001 - the server may already refuse connections: also "no new job"
-        late = None
+    # The server serves until the drain ends, and the drain waits for the job (seconds more):
+    # so /ready answers, and says 503, so that a balancer stops sending.
+    ready = http_get(app.base + "/ready")
+    assert ready is not None and ready.status_code == 503, ready
+    assert ready.json() == {"ready": False, "reason": "shutting down: no new jobs"}
+    late = submit_job(app.base, size=256, steps=2, seed=8)  # queued behind the running job, then refused
+    gallery, details = first.result(timeout=120)
+    assert details["seeds"] == [7] and len(gallery) == 1
+    with pytest.raises(AppError, match="The server is shutting down and takes no new jobs"):
+        late.result(timeout=60)
     assert app.proc.wait(timeout=120) == 0
-    for job in (first, late):
-        try:
-            if job is not None:
-                job.result(timeout=5)
-        except Exception:  # noqa: BLE001 - the late job is refused; the first may lose its answer
-            pass
-    (png,) = check_outputs(app.outputs)  # the running job's picture, and no other
+    (png,) = check_outputs(app.outputs)  # the running job's picture, whole, and no other
+    assert [png.name] == details["files"]
     log = app.log()
     assert log.index("shutting down (SIGTERM)") < log.index(f"size={JOB_SIZE}x{JOB_SIZE} steps={JOB_STEPS}")
     assert "size=256x256 steps=2 count=1 seed=8 outcome=ok" not in log
+    assert "exit code 0" in log and "Traceback" not in log, log[-3000:]
+    assert not group_alive(app.proc.pid)
 
 
 def test_watchdog_exit_reaches_the_process_exit_code(app_factory):
     """The real server and Operations in a real process. CUDA cannot fail on this CPU machine, so
     the one synthetic part is the error handed to the watchdog listener, as the engine would after
-    a job; everything after it (request_exit, the drain, the exit code) is the real path."""
+    a job; everything after it (request_exit, the drain, serve()'s return value, the exit code)
+    is the real path."""
     driver = textwrap.dedent(
         f"""
         import logging, sys, threading
@@ -163,11 +134,17 @@ def test_watchdog_exit_reaches_the_process_exit_code(app_factory):
 
         def fail_after_ready():
             server.engine.wait_ready(120)
+            import httpx
+
+            ready = httpx.get(f"http://127.0.0.1:{{settings.port}}/ready", timeout=10).status_code
+            print(f"ready before the error: {{ready}}", flush=True)
             error = RuntimeError("CUDA error: an illegal memory access was encountered")
             server.ops.watchdog(server.engine, None, error)
 
         threading.Thread(target=fail_after_ready, daemon=True).start()
-        sys.exit(server.serve())
+        code = server.serve()
+        print(f"serve returned {{code}}; draining: {{server.draining.is_set()}}", flush=True)
+        sys.exit(code)
         """
     )
     app = app_factory(driver=driver)
@@ -175,4 +152,7 @@ def test_watchdog_exit_reaches_the_process_exit_code(app_factory):
     log = app.log()
     assert code == WATCHDOG_EXIT_CODE, log[-3000:]
     assert f"watchdog: exiting with code {WATCHDOG_EXIT_CODE}" in log and "illegal memory access" in log
+    assert "ready before the error: 200" in log
+    assert f"shutting down (exit requested with code {WATCHDOG_EXIT_CODE})" in log
+    assert f"serve returned {WATCHDOG_EXIT_CODE}; draining: True" in log
     assert not group_alive(app.proc.pid)

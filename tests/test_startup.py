@@ -25,7 +25,7 @@ from zimage.model.imports import MODULES, _names, import_class
 from zimage.service.engine import Engine
 from zimage.service.request import GenerationRequest
 
-from .conftest import ROOT, pixels
+from .support import ROOT, pixels
 
 
 def graph_as_is(gm, _example_inputs):

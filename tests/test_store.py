@@ -5,6 +5,7 @@ import re
 import threading
 import time
 
+import pytest
 from PIL import Image
 
 from zimage.service.store import TMP_PREFIX, OutputStore, output_name, parameters_text, read_parameters, write_png
@@ -110,10 +111,8 @@ def test_failed_write_leaves_nothing(tmp_path):
             f.write(b"partial")
             raise OSError("disk full")
 
-    try:
+    with pytest.raises(OSError, match="disk full"):  # the caller hears of it
         write_png(Broken(), tmp_path / "x.png", META)
-    except OSError:
-        pass
     assert list(tmp_path.iterdir()) == []
 
 

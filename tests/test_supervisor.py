@@ -13,10 +13,10 @@ import pytest
 from zimage.ops.watchdog import WATCHDOG_EXIT_CODE
 from zimage.settings import from_sources
 
-from .conftest import ROOT
-from .test_ops_support import (
+from .support import (
     JOB_SIZE,
     JOB_STEPS,
+    ROOT,
     START_TIMEOUT,
     Supervisord,
     app_args,
@@ -28,7 +28,7 @@ from .test_ops_support import (
     is_ready,
     still_alive,
     submit_job,
-    wait_job_running,
+    wait_running,
     wait_until,
 )
 
@@ -78,6 +78,7 @@ def test_shipped_config_parses_and_fits_the_app(shipped):
     assert p.stopwaitsecs >= settings.shutdown_grace_s + 45
 
 
+@pytest.mark.slow  # runs sed
 def test_system_supervisor_variant(tmp_path):
     """README's recipe for a system supervisord, run as written: sed fills in the checkout and the user."""
     import getpass
@@ -100,6 +101,7 @@ def test_system_supervisor_variant(tmp_path):
     assert p.environment["ZIMAGE_OUTPUTS_DIR"] == f"{checkout}/outputs" and p.uid == os.getuid()
 
 
+@pytest.mark.slow
 def test_watchdog_exit_code_makes_supervisor_restart(tmp_path_factory):
     """A real supervisord with the shipped program options: a process exiting 75 is started again."""
     root = tmp_path_factory.mktemp("sup75")
@@ -110,7 +112,9 @@ def test_watchdog_exit_code_makes_supervisor_restart(tmp_path_factory):
     try:
         sup.start()
         first = sup.wait_running(30)
-        wait_until(lambda: f"exit status {WATCHDOG_EXIT_CODE}; not expected" in sup.log(), 30, "the exit in the log")
+        wait_until(
+            lambda: f"exit status {WATCHDOG_EXIT_CODE}; not expected" in sup.log(), 30, "the exit in the log", 0.2
+        )
         second = sup.wait_running(30, other_than=first)
         assert second != first
         assert "FATAL" not in sup.log() and "gave up" not in sup.log()
@@ -118,6 +122,7 @@ def test_watchdog_exit_code_makes_supervisor_restart(tmp_path_factory):
         sup.close()
 
 
+@pytest.mark.slow
 def test_app_under_supervisord(tiny_dir, tmp_path_factory):
     """RUNNING and /ready; kill -9 gives a new pid and /ready again; SIGTERM during a job drains cleanly."""
     root = tmp_path_factory.mktemp("sup")
@@ -136,19 +141,19 @@ def test_app_under_supervisord(tiny_dir, tmp_path_factory):
     try:
         sup.start()
         first = sup.wait_running(START_TIMEOUT)
-        wait_until(lambda: is_ready(base), START_TIMEOUT, "/ready after start")
+        wait_until(lambda: is_ready(base), START_TIMEOUT, "/ready after start", 0.2)
 
         # kill -9: Supervisor starts a fresh process, which gets ready again
         t0 = time.monotonic()
         os.kill(first, signal.SIGKILL)
         second = sup.wait_running(START_TIMEOUT, other_than=first)
-        wait_until(lambda: is_ready(base), START_TIMEOUT, "/ready after kill -9")
+        wait_until(lambda: is_ready(base), START_TIMEOUT, "/ready after kill -9", 0.2)
         recovered_s = time.monotonic() - t0
         assert not group_alive(first)
 
         # SIGTERM (supervisorctl stop) while a job runs: it finishes, its PNG is written, exit 0
         job = submit_job(base)
-        wait_job_running(base)
+        wait_running(base)
         children = family(second)  # the app and anything it started, wherever their group
         stopped_s = sup.stop(timeout=stopwaitsecs + 30)
         assert stopped_s < stopwaitsecs

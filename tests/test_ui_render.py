@@ -65,6 +65,7 @@ def test_profiler_escapes_what_it_shows(engine):
 
 
 def test_banner_while_loading_and_after_a_failure(make_settings, tmp_path):
+    from zimage.errors import ModelNotFound
     from zimage.service.engine import Engine
 
     loading = Engine(make_settings())
@@ -73,7 +74,7 @@ def test_banner_while_loading_and_after_a_failure(make_settings, tmp_path):
     assert "Decided once the model has loaded" in panels.render_profiler(loading.status())
 
     broken = Engine(make_settings(model=str(tmp_path / "missing")))
-    with pytest.raises(Exception):  # noqa: B017 - the engine's own error; the timeline records it
+    with pytest.raises(ModelNotFound, match="missing"):  # the engine's own error; the timeline records it
         broken.load()
     status = broken.status()
     banner = panels.render_banner(status)

@@ -5,14 +5,16 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from collections import deque
 
 import pytest
 
 from zimage.ops.watchdog import WATCHDOG_EXIT_CODE, MemoryWatchdog, decide, error_chain_text
 from zimage.service.request import GenerationRequest
 
-from .conftest import ROOT
+from .support import ROOT, wait_until
 
 G = 1 << 30
 ILLEGAL = "CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be reported later"
@@ -51,15 +53,15 @@ def test_decide_table(history, threshold, strikes, error, exit_, reason_part):
     verdict = decide(history, threshold, strikes, error)
     assert verdict.exit is exit_
     assert reason_part in verdict.reason
-    exit_again, reason = verdict  # also a plain (exit, reason) pair
-    assert (exit_again, reason) == (exit_, verdict.reason)
 
 
-def test_decide_is_pure():
-    history = [21 * G, 22 * G]
-    before = list(history)
-    assert decide(history, 20 * G, 2) == decide(history, 20 * G, 2)
-    assert history == before
+def test_decide_reads_the_listeners_history_without_changing_it():
+    """The listener keeps its history in a bounded deque, which cannot be sliced: decide takes it
+    as it is, answers as for the same list, and leaves it untouched for the next job."""
+    history = deque([19 * G, 21 * G, 22 * G], maxlen=8)
+    verdict = decide(history, 20 * G, 2)
+    assert verdict == decide(list(history), 20 * G, 2) and verdict.exit
+    assert list(history) == [19 * G, 21 * G, 22 * G] and history.maxlen == 8
 
 
 def test_error_chain_text_reaches_the_cuda_cause():
@@ -98,13 +100,16 @@ def test_listener_on_a_real_engine_exits_after_strikes(engine):
             engine.generate(req, save=False)
             assert exits == [], f"exited after job {i + 1}"
         engine.generate(req, save=False)  # the third consecutive job over 20 GiB
-        _wait(lambda: exits)
+        wait_until(lambda: exits)
         assert exits == [WATCHDOG_EXIT_CODE]
+        wait_until(lambda: not exit_threads(), what="the exit thread to end")
         status = dog.status()
         assert status["exiting"] and "3 consecutive" in status["last_verdict"]
         assert status["recent_reserved_gib"][-3:] == [25.0, 26.0, 27.0]
         engine.generate(req, save=False)  # already exiting: asks only once
-        time.sleep(0.2)
+        # the listener ran inside generate; had it asked again, its exit thread would be running or done
+        assert dog.jobs_seen == 6
+        wait_until(lambda: not exit_threads(), what="any second exit thread to end")
         assert exits == [WATCHDOG_EXIT_CODE]
         assert readings.thresholds[0] == 20 * G  # the reader may release cache over this
     finally:
@@ -115,7 +120,7 @@ def test_listener_exits_on_an_unrecoverable_error_even_when_memory_check_is_off(
     exits = []
     dog = MemoryWatchdog(0, 3, exits.append, read_reserved=Readings([]))
     dog(engine, None, RuntimeError("CUDA error: misaligned address"))
-    _wait(lambda: exits)
+    wait_until(lambda: exits)
     assert exits == [WATCHDOG_EXIT_CODE] and "misaligned address" in dog.status()["last_verdict"]
 
 
@@ -126,7 +131,7 @@ def test_listener_treats_a_failing_memory_reading_as_the_error_it_is(engine):
     exits = []
     dog = MemoryWatchdog(20, 3, exits.append, read_reserved=broken)
     dog(engine, None, None)
-    _wait(lambda: exits)
+    wait_until(lambda: exits)
     assert exits == [WATCHDOG_EXIT_CODE]
 
 
@@ -142,6 +147,11 @@ def test_listener_stays_quiet_on_cpu(engine):
     assert exits == [] and dog.status()["recent_reserved_gib"] == [None] and dog.jobs_seen == 1
 
 
+def exit_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "watchdog-exit"]
+
+
+@pytest.mark.slow  # a real process
 def test_hard_exit_when_the_graceful_path_hangs(tmp_path):
     """A real process whose request_exit never returns still exits with the watchdog's code."""
     script = textwrap.dedent(
@@ -161,10 +171,3 @@ def test_hard_exit_when_the_graceful_path_hangs(tmp_path):
     assert out.returncode == WATCHDOG_EXIT_CODE, out.stderr
     assert time.perf_counter() - t0 < 20
     assert "unspecified launch failure" in out.stderr
-
-
-def _wait(predicate, timeout=10.0):
-    end = time.time() + timeout
-    while not predicate():
-        assert time.time() < end, "timed out"
-        time.sleep(0.02)

@@ -1,7 +1,8 @@
-"""Helpers for the tests that run real processes (the app, supervisord); no tests of its own.
+"""Helpers shared by the tests; no tests of its own.
 
-Everything here drives real things: subprocesses, HTTP, files. Timeouts are generous (a
-loaded 2-core CI machine imports torch, diffusers and gradio in 10-30 s) but always bounded.
+Everything here drives real things: the app as a real process on a free port, supervisord,
+HTTP, files. Waits poll a condition with a bounded timeout (a loaded 2-core CI machine imports
+torch, diffusers and gradio in 10-30 s), never a fixed sleep.
 """
 
 from __future__ import annotations
@@ -14,14 +15,11 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT
-
+ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 180.0  # process start to /ready
 # 50 steps at 768x768 take about 3 s with the tiny model on an idle 2-core machine (1024x1024:
 # 8 s): long enough to be caught running, short enough for a loaded CI machine.
@@ -29,13 +27,18 @@ JOB_SIZE = 768
 JOB_STEPS = 50
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def pixels(image):
+    import numpy as np
+
+    return np.asarray(image, dtype=np.int16)
 
 
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
+# ------------------------------------------------------------------------------------------
+# waiting
+
+
+def wait_until(predicate, timeout: float = 10.0, what: str = "the condition", interval: float = 0.02):
+    """Poll predicate() until it returns something true, and return that; fail after timeout seconds."""
     end = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -46,29 +49,82 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
         time.sleep(interval)
 
 
-def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
-    """(status, body); status 0 when nothing answers."""
+# ------------------------------------------------------------------------------------------
+# HTTP and Prometheus
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str, timeout: float = 5.0):
+    """The httpx response, or None when nothing answers."""
+    import httpx
+
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read().decode("utf-8", "replace")
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode("utf-8", "replace")
-    except (OSError, urllib.error.URLError):
-        return 0, ""
+        return httpx.get(url, timeout=timeout)
+    except httpx.HTTPError:
+        return None
+
+
+def status_of(url: str, timeout: float = 5.0) -> int:
+    """The HTTP status; 0 when nothing answers."""
+    r = http_get(url, timeout)
+    return 0 if r is None else r.status_code
 
 
 def is_ready(base: str) -> bool:
-    return http_get(base + "/ready")[0] == 200
+    return status_of(base + "/ready") == 200
 
 
-def metric(base: str, name: str) -> float | None:
-    status, text = http_get(base + "/metrics")
-    if status != 200:
-        return None
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
+def metric_value(text: str, name: str, labels: dict | None = None) -> float | None:
+    """One sample of Prometheus text: by its name and, where given, some of its labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
+                return sample.value
     return None
+
+
+def metric(base: str, name: str, labels: dict | None = None) -> float | None:
+    """One sample from a running server's /metrics; None when it does not answer."""
+    r = http_get(base + "/metrics")
+    return None if r is None or r.status_code != 200 else metric_value(r.text, name, labels)
+
+
+def wait_running(base: str, timeout: float = 60.0) -> None:
+    """Until a job holds the GPU."""
+    wait_until(lambda: (metric(base, "zimage_running_jobs") or 0) >= 1, timeout, "a job running on the engine", 0.05)
+
+
+# ------------------------------------------------------------------------------------------
+# the studio's API through gradio_client
+
+
+def submit(client, prompt="a red bicycle", negative="", width=128, height=96, steps=4, guidance=0.0, seed=-1, count=1):
+    """Start a generation through the public API; returns gradio_client's Job."""
+    return client.submit(prompt, negative, width, height, steps, guidance, seed, count, api_name="/generate")
+
+
+def generate(client, **kw):
+    """A generation through the public API: (gallery, details)."""
+    return submit(client, **kw).result(timeout=300)
+
+
+def submit_job(base: str, size: int = JOB_SIZE, steps: int = JOB_STEPS, seed: int = 7):
+    """A square job from a fresh client (no login)."""
+    from gradio_client import Client
+
+    client = Client(base + "/", verbose=False)
+    return submit(client, prompt="a lighthouse at dusk", width=size, height=size, steps=steps, seed=seed)
+
+
+# ------------------------------------------------------------------------------------------
+# the app as a real process
 
 
 def app_args(port: int, tiny_dir: Path, outputs: Path) -> list[str]:
@@ -106,16 +162,86 @@ def app_env(tmp: Path, **zimage: str) -> dict[str, str]:
     return env
 
 
-def submit_job(base: str, size: int = JOB_SIZE, steps: int = JOB_STEPS, seed: int = 7):
-    """Start a generation through the studio's public API (gradio_client); returns its Job."""
-    from gradio_client import Client
+class App:
+    """`python app.py --model tiny ... *extra` in a temp folder and a process group of its own.
 
-    client = Client(base + "/", verbose=False)
-    return client.submit("a lighthouse at dusk", "", size, size, steps, 0.0, seed, 1, api_name="/generate")
+    driver: a script run with `python -c` in place of app.py, given the same arguments.
+    Its cwd is the temp folder, so no zimage.yaml of the checkout is read."""
+
+    def __init__(self, root: Path, tiny_dir: Path, *extra: str, driver: str | None = None, **settings: str):
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.port = free_port()
+        self.url = self.base = f"http://127.0.0.1:{self.port}"
+        self.outputs = root / "outputs"
+        self.log_path = root / "app.log"
+        # (seconds since spawn, /health status, /ready status, /ready body) until ready
+        self.observed: list[tuple[float, int, int, dict]] = []
+        env = dict(os.environ, **app_env(root, **settings))
+        if "auth" not in settings:
+            env.pop("ZIMAGE_AUTH", None)
+        args = [*app_args(self.port, tiny_dir, self.outputs), *extra]
+        argv = [sys.executable, *args] if driver is None else [sys.executable, "-c", driver, *args[1:]]
+        self.started = time.monotonic()
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                argv, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = START_TIMEOUT, on_up=None) -> App:
+        """Watch /health and /ready from the start until ready; on_up(app) runs once when /health
+        first answers (the model is still loading then)."""
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the app exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            health, r = status_of(self.base + "/health", 2.0), http_get(self.base + "/ready", 2.0)
+            if r is None:
+                return False
+            self.observed.append((time.monotonic() - self.started, health, r.status_code, r.json()))
+            nonlocal on_up
+            if on_up is not None and health == 200 and r.status_code != 200:
+                on_up(self)
+                on_up = None
+            return r.status_code == 200
+
+        try:
+            wait_until(ready, timeout, "/ready", interval=0.05)
+        except AssertionError:
+            self.kill()
+            raise
+        return self
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM, as Supervisor stops it; SIGKILL after timeout. The exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.wait(30)
+
+    def kill(self) -> None:
+        """The app's whole process group, at once."""
+        if self.proc.poll() is None:
+            kill_group(self.proc.pid)
+        self.proc.wait(timeout=30)
 
 
-def wait_job_running(base: str, timeout: float = 60.0) -> None:
-    wait_until(lambda: (metric(base, "zimage_running_jobs") or 0) >= 1, timeout, "a job running on the engine")
+def run_python(args: list[str], cwd: Path = ROOT, env: dict | None = None, timeout: float = 240):
+    """`python *args` to its end, without the caller's ZIMAGE_AUTH; offline."""
+    full = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    full.pop("ZIMAGE_AUTH", None)
+    full.update(env or {})
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
+
+
+# ------------------------------------------------------------------------------------------
+# processes and files left behind
 
 
 def group_alive(pgid: int) -> list[str]:
@@ -156,6 +282,15 @@ def still_alive(pids: list[int]) -> list[int]:
     return alive
 
 
+def kill_group(pgid: int | None) -> None:
+    if not pgid:
+        return
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def check_outputs(folder: Path) -> list[Path]:
     """No half-written file: no store temp file, and every PNG decodes to its last pixel."""
     from PIL import Image
@@ -167,15 +302,6 @@ def check_outputs(folder: Path) -> list[Path]:
         with Image.open(p) as im:
             im.load()  # raises on a truncated file
     return pngs
-
-
-def kill_group(pgid: int | None) -> None:
-    if not pgid:
-        return
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 # ------------------------------------------------------------------------------------------
@@ -226,7 +352,7 @@ class Supervisord:
             start_new_session=True,  # its own group: the finalizer can kill whatever is left
         )
         out.close()
-        wait_until(lambda: self.ctl("pid").returncode == 0, 30, "supervisord to answer")
+        wait_until(lambda: self.ctl("pid").returncode == 0, 30, "supervisord to answer", 0.2)
 
     def ctl(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
         return subprocess.run(
