@@ -177,3 +177,97 @@ def explore(args: argparse.Namespace) -> dict[str, Any]:
         print(json.dumps({k: out.get(k) for k in ("compiled_vae_s", "text_encoder_compiled_real_s")}), flush=True)
     out.update(peak(torch))
     return out
+
+
+# ------------------------------------------------------------------------------------------
+# imports: where the app's import time goes (python -X importtime), and what each lever saves
+
+APP_IMPORTS = """
+import json, time
+t0 = time.perf_counter()
+import zimage.cli, zimage.settings, zimage.service.engine
+t1 = time.perf_counter()
+import torch
+t2 = time.perf_counter()
+from zimage.model.imports import import_libraries
+import_libraries()
+t3 = time.perf_counter()
+import gradio, fastapi, uvicorn
+import zimage.web.page, zimage.web.server
+t4 = time.perf_counter()
+print(json.dumps({"zimage": t1 - t0, "torch": t2 - t1, "diffusers+transformers": t3 - t2, "gradio+fastapi+page": t4 - t3}))
+"""
+
+VARIANTS = {
+    "torch": "import torch",
+    "torch, libtorch_cuda preloaded": (
+        "import ctypes, os, importlib.util, pathlib, time; t=time.perf_counter(); "
+        "p=pathlib.Path(next(iter(importlib.util.find_spec('torch').submodule_search_locations)))/'lib'/'libtorch_cuda.so'; "
+        "p.is_file() and ctypes.CDLL(str(p), mode=os.RTLD_LOCAL|os.RTLD_NOW); "
+        "print('preload', round(time.perf_counter()-t,3)); T0=time.perf_counter(); import torch"
+    ),
+    "libraries, package roots": (
+        "import torch; T0=time.perf_counter(); import diffusers, transformers; "
+        "from diffusers import ZImagePipeline, ZImageTransformer2DModel, AutoencoderKL, FlowMatchEulerDiscreteScheduler; "
+        "from transformers import AutoTokenizer, Qwen3Model"
+    ),
+    "libraries, own modules": (
+        "import torch; T0=time.perf_counter(); from zimage.model.imports import import_libraries; import_libraries()"
+    ),
+}
+
+
+def _timed(code: str) -> str:
+    return (
+        "import time; T0=time.perf_counter(); C0=time.process_time()\n"
+        + code
+        + "\nprint('wall', round(time.perf_counter()-T0,3), 'cpu', round(time.process_time()-C0,3))"
+    )
+
+
+def imports(args: argparse.Namespace) -> dict[str, Any]:
+    """The app's import path under -X importtime (raw log to --out-dir), then each variant twice
+    side by side in fresh processes."""
+    import subprocess
+    import sys
+    from collections import Counter
+
+    out: dict[str, Any] = {}
+    out_dir = Path(args.workdir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", APP_IMPORTS], capture_output=True, text=True)
+    (out_dir / "importtime-app.txt").write_text(proc.stderr)
+    try:
+        out["app_path_s"] = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        out["app_path_error"] = proc.stderr[-2000:]
+    by_package: Counter = Counter()
+    cumulative = []
+    for line in proc.stderr.splitlines():
+        parts = line.split("|")
+        if len(parts) != 3 or not parts[0].startswith("import time:") or "self" in parts[0]:
+            continue
+        self_us, cum_us, name = int(parts[0].split(":")[1]), int(parts[1]), parts[2]
+        depth = (len(name) - len(name.lstrip())) // 2
+        mod = name.strip()
+        top = mod.split(".")[0]
+        by_package[".".join(mod.split(".")[:2]) if top in ("torch", "diffusers", "transformers") else top] += self_us
+        if depth <= 2:
+            cumulative.append((cum_us, depth, mod))
+    out["self_s_by_package"] = {k: round(v / 1e6, 3) for k, v in by_package.most_common(30)}
+    out["top_cumulative"] = [[round(c / 1e6, 3), d, m] for c, d, m in sorted(cumulative, reverse=True)[:40]]
+    print(json.dumps({"app_path_s": out.get("app_path_s"), "self_s_by_package": out["self_s_by_package"]}), flush=True)
+
+    # variants in pairs, side by side (two fresh processes at a time)
+    names = list(VARIANTS)
+    results: dict[str, Any] = {}
+    for pair in (names[:2], names[2:]):
+        procs = {
+            n: subprocess.Popen([sys.executable, "-c", _timed(VARIANTS[n])], stdout=subprocess.PIPE, text=True)
+            for n in pair
+        }
+        for n, p in procs.items():
+            results[n] = (p.communicate()[0] or "").strip().replace("\n", "; ")
+    out["variants"] = results
+    print(json.dumps(results), flush=True)
+    return out

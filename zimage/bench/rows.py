@@ -171,8 +171,13 @@ def row_zimage(args: argparse.Namespace) -> dict[str, Any]:
         result = engine.generate(req, save=save)
         return time.perf_counter() - t, result
 
-    first_s, _ = gen()
+    first_s, first = gen()
     first_at = now() - t0_wall
+    full_speed_at = ready
+    if engine.compiler is not None:  # warm images are the compiled path's: wait for the switch
+        engine.compiler.wait(600)
+        live = [st for st in engine.compiler.snapshot()["stages"] if st["name"] == "live"]
+        full_speed_at = live[0]["at_s"] if live else None
     warm = [gen() for _ in range(args.runs)]
     warm_s = [w for w, _ in warm]
     timings = [r.timings for _, r in warm]
@@ -198,6 +203,10 @@ def row_zimage(args: argparse.Namespace) -> dict[str, Any]:
         "start_to_ready_s": round(ready, 3) if ready else None,
         "first_image_s": round(first_s, 4),
         "start_to_first_image_s": round(first_at, 3),
+        "first_image_path": first.compute_path,
+        "start_to_full_speed_s": full_speed_at,
+        "compile": engine.speed_status(),
+        "warm_paths": sorted({r.compute_path for _, r in warm}),
         "warm_s": [round(x, 4) for x in warm_s],
         "warm_median_s": median(warm_s),
         "split": {

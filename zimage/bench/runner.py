@@ -68,6 +68,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"env": versions(), "size": args.size, "steps": args.steps, "prompt": PROMPT, "rows": {}}
     for name in [r for r in args.rows.split(",") if r]:
         spec = ROWS[name]
+        left = args.deadline - time.time() if args.deadline else None
+        if left is not None and left < args.min_left:
+            results["rows"][name] = {"skipped": f"only {left:.0f}s left before the deadline"}
+            print(f"{name}: skipped ({left:.0f}s left)", flush=True)
+            continue
+        row_timeout = min(args.row_timeout, left - 10) if left is not None else args.row_timeout
         if spec.get("cache") == "empty" and cache.exists():
             shutil.rmtree(cache)
         method = drop_caches(files) if spec["page"] == "cold" else "warm"
@@ -77,7 +83,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     while fh.read(64 << 20):
                         pass
         if spec["kind"] == "app":
-            results["rows"][name] = _app(args, spec, name, model, workdir, cache, method)
+            results["rows"][name] = _app(args, spec, name, model, workdir, cache, method, row_timeout)
             _write(args, results)
             continue
         cmd = [
@@ -110,7 +116,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.also_nine:
             cmd += ["--also-nine"]
         t = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.row_timeout)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=row_timeout)
+        except subprocess.TimeoutExpired as exc:
+            results["rows"][name] = {"page_cache": method, "error": f"timed out after {row_timeout:.0f}s"}
+            print(f"{name}: timed out ({exc.timeout:.0f}s)", flush=True)
+            _write(args, results)
+            continue
         wall = time.perf_counter() - t
         row: dict[str, Any] = {
             "page_cache": method,
@@ -136,7 +148,7 @@ def _write(args: argparse.Namespace, results: dict[str, Any]) -> None:
         Path(args.out).write_text(json.dumps(results, indent=2))
 
 
-def _app(args, spec, name, model: Path, workdir: Path, cache: Path, method: str) -> dict[str, Any]:
+def _app(args, spec, name, model: Path, workdir: Path, cache: Path, method: str, timeout: float) -> dict[str, Any]:
     """A row through the real app (zimage.bench.app_rows), from this process."""
     from zimage.bench.app_rows import app_row
 
@@ -151,7 +163,7 @@ def _app(args, spec, name, model: Path, workdir: Path, cache: Path, method: str)
                 args.size,
                 args.steps,
                 warm_images=args.runs,
-                timeout=args.row_timeout,
+                timeout=timeout,
             )
         )
     except Exception as exc:  # noqa: BLE001 - a failed row is a result; the run goes on
@@ -262,6 +274,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=None, help="JSON file for the results.")
     r.add_argument("--row-timeout", type=float, default=560)
     r.add_argument("--also-nine", action="store_true", help="Plain rows also time 9 steps.")
+    r.add_argument("--deadline", type=float, default=0, help="Epoch seconds: start no row after it (0: none).")
+    r.add_argument("--min-left", type=float, default=60, help="Skip a row with less than this left.")
     w = sub.add_parser("row", parents=[common], help="One row in this process (used by run).")
     w.add_argument("--kind", choices=("plain", "zimage"), required=True)
     w.add_argument("--variant", default="")
@@ -270,6 +284,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--also-nine", action="store_true")
     sub.add_parser("probe", parents=[common], help="Weight-read throughput.")
     sub.add_parser("explore", parents=[common], help="Stage options in one process.")
+    sub.add_parser("imports", parents=[common], help="The app's import time (-X importtime log to --workdir).")
     sub.add_parser("table", parents=[common], help="Print the table of a results JSON (--model is the file).")
     return p
 
@@ -303,6 +318,11 @@ def main(argv: list[str] | None = None) -> int:
         from zimage.bench.explore import probe
 
         emit(probe(args))
+        return 0
+    if args.cmd == "imports":
+        from zimage.bench.explore import imports
+
+        emit(imports(args))
         return 0
     if args.cmd == "explore":
         from zimage.bench.explore import explore
