@@ -129,7 +129,7 @@ def _drive(proc, url, origin, size, steps, warm_images, timeout, httpx, Client) 
                     break
             except httpx.HTTPError:
                 pass
-            time.sleep(0.02)
+            time.sleep(0.05)
         out["page_up_s"] = round(since(), 3)
         client = Client(url, verbose=False)
         out["client_connected_s"] = round(since(), 3)
@@ -143,7 +143,7 @@ def _drive(proc, url, origin, size, steps, warm_images, timeout, httpx, Client) 
                 break
             if proc.poll() is not None:
                 raise RuntimeError(f"the app exited with code {proc.returncode} while loading")
-            time.sleep(0.02)
+            time.sleep(0.05)
         else:
             raise TimeoutError("the app was not ready in time")
 
