@@ -117,6 +117,7 @@ class Loaded:
     status: str
     detail: str = ""
     compile_seconds: float | None = None  # what the compile took when these artifacts were made
+    cached_seconds: float | None = None  # what a compile from these artifacts took last time
     nbytes: int = 0
 
 
@@ -149,7 +150,20 @@ def load(cache_dir: str | Path, key: ArtifactKey) -> Loaded:
         return _reject(folder, "corrupt", "torch could not read it")
     kinds = {k: len(v) for k, v in getattr(info, "artifacts", {}).items()}
     seconds = record.get("compile_seconds")
-    return Loaded("loaded", f"{len(data) / 2**20:.1f} MiB, {kinds}", seconds, len(data))
+    return Loaded("loaded", f"{len(data) / 2**20:.1f} MiB, {kinds}", seconds, record.get("cached_seconds"), len(data))
+
+
+def record_cached_seconds(cache_dir: str | Path, key: ArtifactKey, seconds: float) -> None:
+    """Note what a compile from these artifacts took (the next start's estimate of full speed)."""
+    folder = folder_for(cache_dir, key)
+    record = read_record(folder)
+    if record is None or record.get("key") != asdict(key):
+        return
+    record["cached_seconds"] = round(seconds, 2)
+    try:
+        _atomic_write(folder / KEY_FILE, json.dumps(record, indent=1).encode())
+    except OSError as exc:
+        log.debug("could not note the compile time: %s", exc)
 
 
 def _reject(folder: Path, status: str, why: str) -> Loaded:

@@ -31,9 +31,10 @@ from zimage.model.memory import MemoryMode
 log = logging.getLogger(__name__)
 
 EAGER, COMPILED = "eager", "compiled"
-# What the banner says before a compile has been timed on this machine (seconds, H100 runs).
-GUESS_WITH_ARTIFACTS_S = 10.0
-GUESS_FRESH_S = 45.0
+# What the banner says before a compile has been timed on this machine: seconds the compile took
+# beside eager jobs on an H200 (bench/results, 2026-11-30), from artifacts and from nothing.
+GUESS_WITH_ARTIFACTS_S = 11.0
+GUESS_FRESH_S = 25.0
 CONCURRENT_MODES = (MemoryMode.GPU, MemoryMode.CPU)
 
 
@@ -145,6 +146,7 @@ class CompileBeside:
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
         self._origin: float | None = None
+        self._key_used: artifacts.ArtifactKey | None = None
 
     # --- what the engine asks -------------------------------------------------------------
 
@@ -239,6 +241,8 @@ class CompileBeside:
             )
             if self.artifacts is None or self.artifacts.status != "loaded":
                 self._save()
+            elif self._key_used is not None:  # the next start's estimate: a compile from artifacts
+                artifacts.record_cached_seconds(self.settings.compile_cache_dir, self._key_used, self.seconds)
         except Exception as exc:  # noqa: BLE001 - the eager path keeps serving
             self.state = "failed"
             self.error = f"{type(exc).__name__}: {str(exc)[:300]}"
@@ -265,8 +269,8 @@ class CompileBeside:
         cache_dir = self.settings.compile_cache_dir
         if key is not None:
             self.artifacts = artifacts.load(cache_dir, key)
-            if self.artifacts.compile_seconds is not None:
-                self.expected_s = self.artifacts.compile_seconds
+            if self.artifacts.status == "loaded":
+                self.expected_s = self.artifacts.cached_seconds or GUESS_WITH_ARTIFACTS_S
             self._mark(f"artifacts {self.artifacts.status}")
         self._key_used = key
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
