@@ -18,7 +18,6 @@ from zimage.settings import DEFAULT_MODEL, Settings
 log = logging.getLogger(__name__)
 
 COMPONENTS = ("text_encoder", "transformer", "vae")
-AFTER_WAIT_S = 3.0  # the weights' readahead waits this long at most for the libraries' readahead
 HUB_PATTERNS = [
     "model_index.json",
     "*/config.json",
@@ -271,49 +270,6 @@ class LoadOptions:
         )
 
 
-def prefetch_hint(
-    source: ModelSource, budget_fraction: float = 0.4, after: threading.Event | None = None
-) -> threading.Thread | None:
-    """Ask the kernel to start reading the weight files now (readahead), before torch is even
-    imported, so a cold disk is busy from the first second. Budgeted to a share of free RAM so
-    that the pages are still cached when the readers get to them. `after`: the libraries'
-    readahead, which goes first (the imports wait on those small reads; the weights come
-    later anyway), for at most AFTER_WAIT_S."""
-    if not hasattr(os, "posix_fadvise"):
-        return None
-    try:
-        import psutil
-
-        budget = int(psutil.virtual_memory().available * budget_fraction)
-    except Exception:  # noqa: BLE001
-        budget = 8 << 30
-    files = []
-    for comp in ("text_encoder", "transformer", "vae"):  # the order the readers need them
-        files += sorted((source.path / comp).glob("*.safetensors"))
-
-    def run() -> None:
-        if after is not None:
-            after.wait(AFTER_WAIT_S)
-        left = budget
-        for path in files:
-            if left <= 0:
-                break
-            try:
-                size = path.stat().st_size
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.posix_fadvise(fd, 0, min(size, left), os.POSIX_FADV_WILLNEED)
-                finally:
-                    os.close(fd)
-                left -= size
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=run, name="readahead", daemon=True)
-    thread.start()
-    return thread
-
-
 class WeightLoad:
     """A model's weights being read in the background, straight to where the plan puts them.
 
@@ -533,7 +489,6 @@ __all__ = [
     "LoadOptions",
     "ModelNotFound",
     "WeightLoad",
-    "prefetch_hint",
     "ModelSource",
     "assemble",
     "footprint",

@@ -104,7 +104,7 @@ def load_model(settings: Settings, tl: LoadTimeline) -> LoadedModel:
     The blocks are not compiled here: the model is ready on the eager path, and the compile runs
     beside serving (zimage.model.compiler)."""
     from zimage.model import early, speed
-    from zimage.model.loading import WeightLoad, prefetch_hint
+    from zimage.model.loading import WeightLoad
 
     s = settings
     prepare_process(s)  # before torch is imported
@@ -114,7 +114,7 @@ def load_model(settings: Settings, tl: LoadTimeline) -> LoadedModel:
     source = resolve_model(s)
     if s.loader == "fast":
         # the disk starts reading the weights while Python imports (after the libraries' readahead)
-        prefetch_hint(source, after=side.libraries_read)
+        early.prefetch_weights(source, after=side.libraries_read)
     tl.end(stage, f"{source.kind}: {source.path}")
 
     stage = tl.begin("import torch")
