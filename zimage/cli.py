@@ -108,6 +108,9 @@ def _generate(ns: argparse.Namespace, settings: Settings) -> int:
     from zimage.service.request import GenerationRequest, validate
     from zimage.service.store import write_png
 
+    # One run from the command line: a compile would cost more than it saves, unless asked for.
+    if settings.compile == "auto":
+        settings = settings.replace(compile="off")
     # Validate what the user typed before paying for the model.
     engine = Engine(settings.replace(warmup=False))
     w, h = engine.default_size
@@ -136,6 +139,8 @@ def _generate(ns: argparse.Namespace, settings: Settings) -> int:
         return EXIT_BAD_INPUT
     try:
         engine.load()
+        if engine.compiler is not None:  # --compile asked for: run on the compiled blocks
+            engine.compiler.wait()
         result = engine.generate(request, save=False)
     except ModelNotFound as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -30,6 +30,7 @@ from zimage.settings import Settings
 
 log = logging.getLogger(__name__)
 
+COMPILE_EXIT_WAIT_S = 30.0  # at shutdown, how long a compile still running may take to end
 Listener = Callable[["Engine", GenerationResult | None, BaseException | None], None]
 
 
@@ -405,6 +406,8 @@ class Engine:
 
         Returns True when the running job finished on its own."""
         finished = self.admission.drain(grace_s)
+        if self.compiler is not None:  # a compile cannot be stopped midway: let it end (bounded)
+            self.compiler.wait(min(grace_s, COMPILE_EXIT_WAIT_S))
         self.store.close(wait=True)
         return finished
 
