@@ -114,7 +114,7 @@ def test_only_zimage_outputs_are_touched(tmp_path):
     keep = [
         make(tmp_path, "holiday.png", 900 * HOUR),
         make(tmp_path, "notes.txt", 900 * HOUR),
-        make(tmp_path, "sub" + os.sep + out_name(1), 900 * HOUR),  # never descends
+        make(tmp_path, os.sep.join(["sub", "deeper", out_name(1)]), 900 * HOUR),  # never below users' folders
         make(tmp_path, out_name(2).replace(".png", ".jpg"), 900 * HOUR),
     ]
     (tmp_path / out_name(3)).mkdir()  # a folder named like an output

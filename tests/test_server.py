@@ -213,7 +213,7 @@ def test_generate_returns_the_requested_size_and_the_seed_it_reports(server, cli
         assert params["seed"] == seed and params["width"] == 128 and params["height"] == 96
         assert item["caption"] == f"seed {seed}"
     for name in details["files"]:  # our PNGs, saved in the outputs folder
-        assert (server.outputs / name).is_file()
+        assert (server.outputs / USER[0] / name).is_file()  # the logged-in user's own folder
     t = details["timings"]
     assert t["total_s"] > 0 and len(t["steps_s"]) == 4 and t["png_s"] is not None
     assert details["memory_mode"] == "cpu"

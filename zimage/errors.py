@@ -58,8 +58,16 @@ class GenerationFailed(ZImageError):
     """An unexpected error inside the pipeline; the message is safe to show."""
 
 
+class ReplicaFailed(GenerationFailed):
+    """The replica (GPU worker) running the job died or hit an unrecoverable error; it restarts alone."""
+
+
 class ModelNotFound(ZImageError):
     """The model could not be found or downloaded; the message says where we looked and what to do."""
+
+
+class UnreadableImage(ZImageError):
+    """An image file that cannot be read (not a PNG, damaged, too large): the message says which."""
 
 
 def _short(value: Any) -> str:

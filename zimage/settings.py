@@ -168,6 +168,41 @@ class Settings:
         group="memory",
     )
 
+    # --- several GPUs ---------------------------------------------------------------------
+    replicas: str = opt(
+        "auto",
+        "Pipelines serving one shared queue, one per GPU: auto (one per selected GPU when the model fits on "
+        "each of two or more, else one), or a number. Several replicas run in child processes, one per GPU.",
+        group="gpus",
+    )
+    gpus: str = opt("", "Comma-separated GPU indices to use, e.g. 0,1 (empty = every visible GPU).", group="gpus")
+    load_aware_queue: int = opt(
+        0,
+        "Load-aware steps: when more than this many jobs wait, new jobs run with fewer steps "
+        "(load_aware_min_steps); the page, the PNG and /metrics say so (0 = off).",
+        group="gpus",
+    )
+    load_aware_min_steps: int = opt(
+        4, "Load-aware steps: the fewest steps a job is reduced to when the queue is long.", group="gpus"
+    )
+
+    # --- several boxes: Ray Serve ------------------------------------------------------
+    ray: str = opt(
+        "",
+        "Run the replicas as Ray Serve deployments (one GPU each) on a Ray cluster: auto (the cluster this "
+        "box joined with `ray start`), an address such as 10.0.0.5:6379, or local (a private Ray of this "
+        "process). Empty = off: no Ray at all. Needs `pip install 'ray[serve]'`.",
+        group="ray",
+    )
+    ray_replicas: str = opt(
+        "auto",
+        "With --ray: a fixed number of replicas, or auto: one per GPU in the cluster at start (at least 1), "
+        "and Ray Serve adds replicas up to --ray-max-replicas while jobs wait and GPUs are free "
+        "(e.g. on a box that joined later).",
+        group="ray",
+    )
+    ray_max_replicas: int = opt(16, "With --ray and --ray-replicas auto: the most replicas Serve may run.", group="ray")
+
     # --- request limits and defaults --------------------------------------------------
     min_size: int = opt(256, "Smallest width/height in pixels (multiple of 16).", group="limits")
     max_size: int = opt(2048, "Largest width/height in pixels (multiple of 16).", group="limits")
@@ -201,6 +236,28 @@ class Settings:
         group="server",
     )
     auth_file: str | None = opt(None, "File with one user:password per line.", group="server")
+    admins: tuple[str, ...] = opt(
+        tuple,
+        "Logged-in users who see every user's outputs and history (comma-separated in ZIMAGE_ADMINS).",
+        group="server",
+    )
+    max_jobs_per_user: int = opt(
+        4,
+        "Most jobs one user (one address without logins) may have queued or running; more are refused "
+        "at once, and everyone else keeps their place.",
+        group="server",
+    )
+    max_upload_mb: int = opt(16, "Largest file one upload may be, in MB.", group="server")
+    upload_quota_mb: int = opt(200, "Most MB one user (or address) may upload per hour (0 = no limit).", group="server")
+    upload_quota_files: int = opt(
+        60, "Most files one user (or address) may upload per hour (0 = no limit).", group="server"
+    )
+    login_max_delay_s: float = opt(
+        30.0,
+        "Failed logins: after 5 in a row for one user name or from one address, the next attempt must wait "
+        "1 s, then 2 s, 4 s, ... up to this many seconds (0 = no throttle).",
+        group="server",
+    )
     share: bool = opt(False, "Ask Gradio for a public share link (needs auth).", group="server")
     share_without_auth: bool = opt(False, "Allow --share without auth, on purpose.", group="server")
     root_path: str = opt("", "URL prefix when served behind a reverse proxy.", group="server")
@@ -318,7 +375,95 @@ def _check(s: Settings) -> Settings:
             raise SettingsError(f"Setting 'gpu_max_memory': {exc}") from None
     for entry in s.auth:
         parse_user(entry, "--auth")
+    _check_access(s)
+    _check_gpus(s)
+    _check_ray(s)
     return s
+
+
+def _check_access(s: Settings) -> None:
+    """The per-user limits (users themselves are checked by the web server, which reads the auth file)."""
+    for name in ("max_jobs_per_user", "max_upload_mb"):
+        if getattr(s, name) < 1:
+            raise SettingsError(f"Setting '{name}' must be at least 1 (got {getattr(s, name)}).")
+    for name in ("upload_quota_mb", "upload_quota_files"):
+        if getattr(s, name) < 0:
+            raise SettingsError(f"Setting '{name}' must be 0 (no limit) or more (got {getattr(s, name)}).")
+    if not 0.0 <= s.login_max_delay_s <= 86400.0:  # also refuses NaN
+        raise SettingsError(f"Setting 'login_max_delay_s' must be within 0..86400 seconds (got {s.login_max_delay_s}).")
+
+
+def _check_gpus(s: Settings) -> None:
+    if s.replicas != "auto" and not (s.replicas.isdigit() and int(s.replicas) >= 1):
+        raise SettingsError(f"Setting 'replicas' must be auto or a whole number of at least 1 (got {s.replicas!r}).")
+    indices = parse_gpus(s.gpus)
+    if len(set(indices)) != len(indices):
+        raise SettingsError(f"Setting 'gpus' names a GPU twice (got {s.gpus!r}); list each index once, e.g. 0,1.")
+    if s.replicas != "auto" and indices and int(s.replicas) > len(indices):
+        raise SettingsError(
+            f"Setting 'replicas' is {s.replicas} but 'gpus' selects only {len(indices)} GPU(s) ({s.gpus}); "
+            "one replica needs a GPU of its own."
+        )
+    if indices and s.device.startswith("cuda:"):
+        raise SettingsError(f"Settings 'gpus' ({s.gpus}) and 'device' ({s.device}) both pick GPUs; set only one.")
+    if s.replicas not in ("auto", "1") and s.memory_mode == "multi-gpu":
+        raise SettingsError(
+            f"Setting 'replicas' is {s.replicas} but memory_mode multi-gpu splits one pipeline over the GPUs; "
+            "use one or the other."
+        )
+    if s.load_aware_queue < 0:
+        raise SettingsError(f"Setting 'load_aware_queue' must be 0 (off) or more (got {s.load_aware_queue}).")
+    if not 1 <= s.load_aware_min_steps <= s.max_steps:
+        raise SettingsError(
+            f"Setting 'load_aware_min_steps' must be within 1..max_steps (got {s.load_aware_min_steps})."
+        )
+
+
+def parse_gpus(text: str) -> list[int]:
+    """'0,1' -> [0, 1]; SettingsError names what is wrong."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if not part.isdigit():
+            raise SettingsError(f"Setting 'gpus' must be GPU indices separated by commas, e.g. 0,1 (got {text!r}).")
+        out.append(int(part))
+    return out
+
+
+def _check_ray(s: Settings) -> None:
+    """--ray: a usable address, a replica count, and Ray installed (looked up, not imported)."""
+    if not s.ray:
+        return
+    address = s.ray.strip()
+    if address not in ("auto", "local") and not address.startswith("ray://"):
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise SettingsError(
+                f"Setting 'ray' must be auto, local, HOST:PORT (the head box's `ray start --head` address, "
+                f"e.g. 10.0.0.5:6379) or ray://HOST:PORT (got {s.ray!r})."
+            )
+    if s.ray_replicas != "auto" and not (s.ray_replicas.isdigit() and int(s.ray_replicas) >= 1):
+        raise SettingsError(
+            f"Setting 'ray_replicas' must be auto or a whole number of at least 1 (got {s.ray_replicas!r})."
+        )
+    if s.ray_max_replicas < 1:
+        raise SettingsError(f"Setting 'ray_max_replicas' must be at least 1 (got {s.ray_max_replicas}).")
+    if s.memory_mode == "multi-gpu":
+        raise SettingsError(
+            "Settings 'ray' and memory_mode multi-gpu do not go together: each Ray replica has one GPU. "
+            "Leave memory_mode at auto."
+        )
+    if s.replicas != "auto" or s.gpus:
+        raise SettingsError(
+            "Settings 'replicas' and 'gpus' choose local GPUs; with 'ray' Ray places the replicas on the "
+            "cluster's GPUs: use --ray-replicas instead (and CUDA_VISIBLE_DEVICES on `ray start` to hide GPUs)."
+        )
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise SettingsError(
+            "Setting 'ray' needs Ray Serve, which is not installed: pip install 'ray[serve]' "
+            "(or pip install -e '.[ray]')."
+        )
 
 
 def parse_user(entry: str, where: str) -> tuple[str, str]:

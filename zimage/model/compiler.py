@@ -341,3 +341,50 @@ class CompileBeside:
             self.saved = str(path) if path else None
         except Exception as exc:  # noqa: BLE001 - a full disk must not stop serving
             log.warning("could not save compile artifacts (%s: %s)", type(exc).__name__, exc)
+
+
+# ------------------------------------------------------------------------------------------
+# the replica's side (zimage.service.replicas.LocalReplica)
+
+
+def start_beside(replica: Any, warmup: list[Any], run_job: Callable[[], None]) -> CompileBeside | None:
+    """The compile of a replica's freshly loaded model: started now when it runs beside jobs,
+    else by the replica after its eager warm-up (it takes the replica's GPU lock then)."""
+    model = replica.model
+    if model.compile_mode == "off":
+        return None
+    compiler = CompileBeside(
+        model,
+        replica.settings,
+        model.compile_mode,
+        replica._gpu,
+        [(r.width, r.height) for r in warmup],
+        backend=replica.compile_backend,
+        run_job=run_job,
+    )
+    compiler.on_done = replica._compile_done
+    if compiler.concurrent:
+        compiler.start(replica.timeline.origin)
+    return compiler
+
+
+def job_path(replica: Any, eager: bool = False) -> contextlib.AbstractContextManager[str]:
+    """The path of a job starting now on this replica (eager when asked or without a compiler)."""
+    compiler = replica.compiler
+    if compiler is None:
+        return contextlib.nullcontext(EAGER)
+    if eager:
+        return compiler.switch.path(False)
+    from zimage.model.speed import compile_mode
+
+    model = replica.model
+    device_type = "cuda" if model.device.startswith("cuda") else "cpu"
+    # after an out-of-memory downgrade to a streaming mode the blocks carry hooks: eager only
+    return compiler.switch.job(compile_mode(replica.settings, device_type, model.plan.mode) != "off")
+
+
+def speed_of(compiler: CompileBeside | None, loaded: bool) -> dict[str, Any]:
+    """A replica's speed for status(): its compiler's state, or eager-only when it compiles nothing."""
+    if compiler is None:
+        return {"state": "eager-only" if loaded else "loading", "full_speed": loaded, "eta_s": 0.0 if loaded else None}
+    return compiler.snapshot()

@@ -187,14 +187,26 @@ def _plan(mode: MemoryMode | str, reason: str, hw: Hardware, fp: Footprint) -> M
     elif mode == M.LOWVRAM:
         placement = {"transformer": "cpu", "vae": dev, "text_encoder": "cpu"}
     elif mode == M.MULTI_GPU:
-        ranked = sorted(hw.gpus, key=lambda g: g.free, reverse=True)
-        te_dev = f"cuda:{ranked[1].index}" if len(ranked) > 1 else dev
-        placement = {"transformer": dev, "vae": dev, "text_encoder": te_dev}
+        placement = _split(hw, fp)
     elif mode in (M.MODEL_OFFLOAD, M.SEQUENTIAL_OFFLOAD):
         placement = dict.fromkeys(("transformer", "text_encoder", "vae"), "cpu")
     else:
         raise ValueError(f"unknown memory mode {mode!r}")
     return MemoryPlan(MemoryMode(mode), reason, placement, dev)
+
+
+def _split(hw: Hardware, fp: Footprint) -> dict[str, str]:
+    """multi-gpu placement: the transformer on the GPU with the most free memory (as max_memory
+    caps it), the text encoder on the next; the VAE beside the transformer when its decode fits
+    there, else beside the text encoder when it fits there."""
+    ranked = sorted(hw.gpus, key=lambda g: g.free, reverse=True)
+    main = ranked[0]
+    other = ranked[1] if len(ranked) > 1 else main
+    vae = main
+    if other is not main and main.free < fp.transformer + fp.vae + fp.activations:
+        if other.free >= fp.text_encoder + fp.vae + fp.activations:
+            vae = other
+    return {"transformer": f"cuda:{main.index}", "text_encoder": f"cuda:{other.index}", "vae": f"cuda:{vae.index}"}
 
 
 def next_lower(mode: str) -> str | None:
@@ -353,9 +365,55 @@ def host_embedding(text_encoder: Any) -> Any:
     return _HOST_EMBEDDINGS.get(text_encoder)
 
 
+_ON_TRANSFORMER: dict[type, type] = {}
+
+
+def _transformer_device(pipe: Any) -> Any:
+    """The device the denoising loop runs on: the transformer's, unless offload hooks decide."""
+    if getattr(pipe.transformer, "_diffusers_hook", None) is None and not any(
+        hasattr(m, "_hf_hook") for m in pipe.components.values() if hasattr(m, "modules")
+    ):
+        for p in pipe.transformer.parameters():
+            return p.device
+    return super(type(pipe), pipe)._execution_device
+
+
+def execute_on_transformer(pipe: Any) -> Any:
+    """Make the pipeline's `_execution_device` the transformer's device.
+
+    diffusers takes it from the first component in name order, the text encoder, and makes the
+    timesteps and moves the latents there: with the text encoder on another GPU (multi-gpu) the
+    transformer then gets tensors from the wrong GPU ("mat1 is on cuda:1, different from other
+    tensors on cuda:0" in t_embedder). The instance gets a subclass of its own class whose
+    property answers the transformer's device; with offload hooks the library's answer stands.
+    Idempotent; call it on every pipeline made from these components (from_pipe) too."""
+    cls = type(pipe)
+    if getattr(cls, "_zimage_on_transformer", False):
+        return pipe
+    sub = _ON_TRANSFORMER.get(cls)
+    if sub is None:
+        sub = type(
+            cls.__name__,
+            (cls,),
+            {
+                "_execution_device": property(_transformer_device),
+                "_zimage_on_transformer": True,
+                "__module__": cls.__module__,
+            },
+        )
+        _ON_TRANSFORMER[cls] = sub
+    pipe.__class__ = sub
+    return pipe
+
+
 def apply_mode(pipe: Any, plan: MemoryPlan, vae_tiling: bool = False, vae_slicing: bool = False) -> list[str]:
     """Install the hooks a plan needs; returns notes for the UI."""
     notes: list[str] = []
+    execute_on_transformer(pipe)
+    from zimage.model.decode import chunk_vae_attention, lean_vae_decoder
+
+    lean_vae_decoder(pipe.vae)
+    chunk_vae_attention(pipe.vae)
     exec_dev = plan.execution_device
     if plan.mode in STREAMING_MODES:
         detach_embeddings(pipe.text_encoder)

@@ -6,7 +6,8 @@ It deletes files on a box nobody watches for weeks, so safety comes before every
   symlinks, so neither a symlink inside nor a folder later swapped for a symlink can lead it
   outside;
 - in the outputs folder only regular files named the way ``store.output_name`` names them
-  are candidates: a mis-set ``outputs_dir`` (".", a home folder) costs nobody their files;
+  are candidates, there and one level down in the users' folders (``outputs/<user>/``): a
+  mis-set ``outputs_dir`` (".", a home folder) costs nobody their files;
 - in Gradio's cache only regular files one level down, inside the hash-named folders Gradio
   makes (``<cache>/<sha256>/<name>``), are candidates;
 - hidden files (the store's ``.tmp-`` files, Gradio's ``.name.xxxx`` staging copies) and files
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zimage.service.store import is_output_name
+from zimage.service.store import is_output_name, is_user_folder_name
 from zimage.units import human_bytes
 
 log = logging.getLogger(__name__)
@@ -344,14 +345,31 @@ class Purger:
 
 
 def _scan_outputs(root_fd: int) -> list[FileInfo]:
+    """Outputs in the folder and in each user's folder (one level down, never through a link)."""
     files = []
+    users = []
     with os.scandir(root_fd) as it:
         for entry in it:
-            if not is_output_name(entry.name):
-                continue
-            info = _regular(entry.name, root_fd, entry.name)
-            if info is not None:
-                files.append(info)
+            if is_output_name(entry.name):
+                info = _regular(entry.name, root_fd, entry.name)
+                if info is not None:
+                    files.append(info)
+            elif is_user_folder_name(entry.name) and entry.is_dir(follow_symlinks=False):
+                users.append(entry.name)
+    for user in users:
+        try:
+            sub_fd = os.open(user, _DIR_FLAGS, dir_fd=root_fd)
+        except OSError:
+            continue  # gone, or a link
+        try:
+            with os.scandir(sub_fd) as it:
+                names = [e.name for e in it if is_output_name(e.name)]
+            for name in names:
+                info = _regular(name, sub_fd, f"{user}/{name}")
+                if info is not None:
+                    files.append(info)
+        finally:
+            os.close(sub_fd)
     return files
 
 

@@ -1,9 +1,10 @@
 """The one Engine per process: the facade the web page, the CLI and the benchmark talk to.
 
-It loads the model once (zimage.model.pipeline), admits jobs to the GPU one at a time
-(service.jobs), has the runner do the GPU math (service.runner), and accounts for every
-request in one place: its metric, its log line, its listeners. PNG encoding and writing
-happen on the store's writer thread after the GPU is released.
+It loads the model once per replica (one in this process by default; one child process per GPU
+when the model fits on each, see service.layout), hands each job to the replica pool's shared
+queue (service.replicas: the first free replica runs it), and accounts for every request in one
+place: its metric, its log line, its listeners. PNG encoding and writing happen on the store's
+writer thread after the GPU is released.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from dataclasses import replace
 from typing import Any
 
 from zimage.errors import Cancelled, GenerationFailed, InvalidRequest, NotReady, OutOfMemory, ShuttingDown, ZImageError
-from zimage.model.pipeline import LoadedModel, load_model
-from zimage.model.presets import model_preset, parse_size
-from zimage.model.speed import WARMUP_PROMPT
+from zimage.model.pipeline import LoadedModel
+from zimage.model.presets import model_preset
 from zimage.ops.metrics import EngineMetrics
 from zimage.ops.profiler import LoadTimeline, RecentJobs, memory_snapshot
-from zimage.service.jobs import Admission, Job
+from zimage.service.jobs import Job
+from zimage.service.layout import build_replicas, plan_replicas
+from zimage.service.replicas import LocalReplica, ReplicaPool
 from zimage.service.request import GenerationRequest, Limits, resolve_seed, validate
 from zimage.service.result import GenerationResult
 from zimage.service.runner import ProgressFn, Runner
@@ -47,13 +49,21 @@ class Engine:
         self.model: LoadedModel | None = None
         self.runner: Runner | None = None
         self.job_listeners: list[Listener] = []
-        self.admission = Admission()
+        if settings.ray:  # past one box: Ray Serve replicas (Ray is imported only then, only here)
+            from zimage.service.ray_serve import RayPool
+
+            self.pool: Any = RayPool(settings, self.timeline)
+            self.replica_plan: Any = self.pool.plan
+        else:
+            self.replica_plan = plan_replicas(settings)
+            self.pool = ReplicaPool()
+        # Jobs waiting in front of the engine (the web server sets it to Gradio's queue length).
+        self.waiting_elsewhere: Callable[[], int] = lambda: 0
         self._ready = threading.Event()
         self._loading: threading.Thread | None = None
         self._loading_lock = threading.Lock()
         self._images_made = 0
-        self.compiler = None  # zimage.model.compiler.CompileBeside once the model is loaded
-        self.compile_backend: object = "inductor"  # torch.compile backend of the compile beside
+        self.compile_backend: Any = "inductor"  # torch.compile backend of the compile beside (tests: cheaper)
         self.metrics.on_scrape(self._refresh_metrics)
 
     # --- what is loaded (None until then) -------------------------------------------------
@@ -117,66 +127,73 @@ class Engine:
         except Exception:  # noqa: BLE001 - recorded in the timeline; /ready and the UI say why
             log.exception("model loading failed")
 
+    @property
+    def concurrency(self) -> int:
+        """Jobs that may run at once (one per replica): the page's concurrency limit."""
+        return self.replica_plan.size
+
     def load(self) -> None:
-        """Load, warm the eager path, be ready; the compiled blocks follow beside (see compiler.py)."""
+        """Load every replica (in this process for one, in child processes for several) and warm up."""
         tl = self.timeline
+        plan = self.replica_plan
         try:
-            self.model = load_model(self.settings, tl)
-            self.runner = Runner(self.model, self.metrics, self.settings.real_length_prompt)
-            compiler = self._start_compile() if self.model.compile_mode != "off" else None
-            if self.settings.warmup:
-                stage = tl.begin("warm-up")
-                self._warmup(WARMUP_PROMPT, steps=1)
-                tl.end(stage, "eager path, 1 step")
-            if compiler is not None and not compiler.is_started:
-                compiler.start(tl.origin)  # after the eager warm-up: it takes the GPU lock
+            log.info("replicas: %s", plan.describe())
+            if self.settings.ray:
+                self.pool.start()  # connect, deploy, wait for the replicas: stages on the timeline
+            elif plan.processes:
+                self._add_replicas(plan)
+                stage = tl.begin(f"start {plan.size} replicas", plan.describe())
+                self.pool.start()
+                tl.end(stage, ", ".join(f"{r.name} {r.state}" for r in self.pool.replicas))
+            else:
+                self._add_replicas(plan)
+                self.pool.start()
+            local = self.pool.replicas[0] if self.pool.replicas else None
+            if isinstance(local, LocalReplica):
+                self.model, self.runner = local.model, local.runner
             tl.ready()
             self.metrics.load_seconds.set(tl.ready_at or 0.0)
             self.metrics.ready.set(1)
-            self.metrics.full_speed.set(0 if compiler is not None else 1)
-            self.metrics.mode.labels(self.model.plan.mode).set(1)
+            mode = self._first_status().get("memory_mode")
+            self.metrics.mode.labels(mode).set(1)
+            speed = self.speed_status()
+            self.metrics.full_speed.set(1 if speed.get("full_speed") else 0)
             self._ready.set()
             self._log_timeline()
             log.info(
                 "model ready in %.1fs since process start (%s)%s",
                 tl.ready_at,
-                self.model.plan.mode,
-                f", full speed in about {compiler.eta():.0f}s (compiling beside)" if compiler else "",
+                mode,
+                ""
+                if speed.get("full_speed")
+                else f", full speed in about {speed.get('eta_s') or 0:.0f}s (compiling beside)",
             )
-            if compiler is None:
-                self._after_start()
         except Exception as exc:
             tl.fail(str(exc) if isinstance(exc, ZImageError) else f"{type(exc).__name__}: {exc}")
             raise
 
-    def _start_compile(self):
-        """The compile beside serving; started now when it runs beside jobs, else after the warm-up."""
-        from zimage.model.compiler import CompileBeside
+    def _add_replicas(self, plan: Any) -> None:
+        for replica in build_replicas(self.settings, plan, self.metrics, self.timeline, self._replica_changed):
+            if isinstance(replica, LocalReplica):
+                replica.compile_backend = self.compile_backend
+                replica.on_compile_done = self._compile_done
+            self.pool.add(replica)
 
-        req = self._warmup_requests(WARMUP_PROMPT, steps=2)
-        compiler = CompileBeside(
-            self.model,
-            self.settings,
-            self.model.compile_mode,
-            self.admission.lock,
-            [(r.width, r.height) for r in req],
-            backend=self.compile_backend,
-            run_job=lambda: [self.runner.run(r, Job(), None) for r in req],
-        )
-        compiler.on_done = self._compile_done
-        self.compiler = compiler
-        if compiler.concurrent:
-            compiler.start(self.timeline.origin)
-        return compiler
+    @property
+    def compiler(self) -> Any:
+        """The in-process replica's compile beside serving (zimage.model.compiler), or None."""
+        local = self.pool.replicas[0] if self.pool.replicas else None
+        return getattr(local, "compiler", None) if isinstance(local, LocalReplica) else None
 
-    def _compile_done(self, compiler) -> None:
+    def _compile_done(self, compiler: Any) -> None:
+        if compiler is None:
+            return  # nothing compiles: full speed from the start
+        self.metrics.full_speed.set(1 if self.speed_status().get("full_speed") else 0)
         if compiler.state == "live":
-            self.metrics.full_speed.set(1)
             self.model.notes.append(compiler.detail)
         else:
             self.model.notes.append(f"eager only: the compile failed ({compiler.error})")
         self._log_timeline()
-        self._after_start()
 
     def _log_timeline(self) -> None:
         """The load (and compile) timeline as one JSON line: the benchmark reads it from the log."""
@@ -186,43 +203,17 @@ class Engine:
         data = {"ready_at_s": snap["ready_at_s"], "stages": snap["stages"], "speed": self.speed_status()}
         log.info("load timeline %s", json.dumps(data))
 
-    def _after_start(self) -> None:
-        """Everything is loaded and imported: record the files read (the next start reads them ahead)."""
-        from zimage.model.early import write_manifest
+    def _replica_changed(self, replica) -> None:
+        """A child replica reported: its load progress (the banner shows the mean), or a new state."""
+        rows = [r for r in self.pool.replicas if hasattr(r, "load")]
+        if rows and not self.ready:
+            self.timeline.progress(sum((r.load or {}).get("percent", 0.0) for r in rows) / len(rows) / 100.0)
+        self.pool.wake()
 
-        write_manifest(self.settings.compile_cache_dir)
-
-    def _warmup_requests(self, prompt: str, steps: int) -> list[GenerationRequest]:
-        w, h = self.default_size
-        sizes = [parse_size(x) for x in self.settings.warmup_sizes.split(",") if x.strip()] or [(w, h)]
-        return [
-            validate(GenerationRequest(prompt=prompt, width=ww, height=hh, steps=steps, seed=0), self.limits)
-            for ww, hh in sizes
-        ]
-
-    def _warmup(self, prompt: str, steps: int = 1) -> None:
-        """One short eager generation per warm-up size: pays for cuDNN/cuBLAS set-up and allocator
-        growth before the first user does. The compiled blocks warm up beside (compiler.py)."""
-        for req in self._warmup_requests(prompt, steps):
-            with self.admission.lock, self._path(eager=True):
-                self.runner.run(req, Job(), None)
-
-    def _path(self, eager: bool = False):
-        """The path a job starting now takes (kept for the whole job); eager without a compiler."""
-        import contextlib
-
-        compiler = self.compiler
-        if compiler is None:
-            return contextlib.nullcontext("eager")
-        if eager:
-            return compiler.switch.path(False)
-        from zimage.model.speed import compile_mode
-
-        allowed = (
-            compile_mode(self.settings, "cuda" if self.model.device.startswith("cuda") else "cpu", self.model.plan.mode)
-            != "off"
-        )
-        return compiler.switch.job(allowed)
+    def _first_status(self) -> dict[str, Any]:
+        """What the page shows as "the" model: the first replica that came up."""
+        rows = self.pool.status()
+        return next((r for r in rows if r.get("state") in ("ready", "busy")), rows[0] if rows else {})
 
     # --- jobs ------------------------------------------------------------------------------
 
@@ -231,11 +222,16 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        return self.admission.waiting
+        return self.pool.waiting
+
+    @property
+    def running_jobs(self) -> list[Job]:
+        return self.pool.running
 
     @property
     def running_job(self) -> Job | None:
-        return self.admission.running
+        running = self.pool.running
+        return running[0] if running else None
 
     def generate(
         self,
@@ -247,21 +243,22 @@ class Engine:
     ) -> GenerationResult:
         """Validate, wait for the GPU, run, and hand the PNG writing to the writer thread."""
         job = job or self.new_job()
-        t_request = time.perf_counter()
+        t_request = time.time()
         req = request
         try:
             req = validate(request, self.limits)
             self._admit(wait_ready)
             req = replace(req, seed=resolve_seed(req.seed))
+            req, reduced = self._load_aware(req)
             job.total = req.steps
-            with self.admission.turn(job), self._path() as path:
-                queue_wait = time.perf_counter() - t_request
-                started_at = time.time()
-                result = self.runner.run_with_fallback(req, job, progress)
-            result.compute_path = path
-            self.metrics.jobs_by_path.labels(path).inc()
+            result = self.pool.run(req, job, progress)
+            if reduced:
+                result.steps_asked = request.steps
+                result.notes.append(reduced)
+                self.metrics.load_aware.inc()
+            queue_wait = max(0.0, job.started - t_request)
             result.timings.queue_wait = queue_wait
-            result.started_at = started_at
+            result.started_at = job.started
         except BaseException as exc:  # noqa: BLE001 - accounted for, then raised as a user-facing error
             raise self._failed(req, job, exc) from (None if isinstance(exc, ZImageError) else exc)
         job.state = "done"
@@ -272,19 +269,42 @@ class Engine:
             def saved(paths: list[str], seconds: float) -> None:
                 result.timings.png = seconds
                 result.paths = paths
-                self.metrics.stage.labels("png").observe(seconds)
+                self.metrics.stage.labels("png", result.replica).observe(seconds)
                 self._log_request(req, result, "ok", None)
 
-            result._saved = self.store.save_async(result.images, metas, saved)
+            result._saved = self.store.save_async(result.images, metas, saved, owner=req.owner)
         else:
             self._log_request(req, result, "ok", None)
         self.recent.add(result.summary())
         self._notify(result, None)
         return result
 
+    def queue_length(self) -> int:
+        """Jobs waiting: in the pool and in front of it (Gradio's queue)."""
+        try:
+            elsewhere = int(self.waiting_elsewhere())
+        except Exception:  # noqa: BLE001 - a reading must never fail a request
+            elsewhere = 0
+        return self.pool.waiting + elsewhere
+
+    def _load_aware(self, req: GenerationRequest) -> tuple[GenerationRequest, str | None]:
+        """Load-aware steps (opt-in): with more than load_aware_queue jobs waiting, run this one with
+        load_aware_min_steps; returns the request to run and the note that says so (or None)."""
+        s = self.settings
+        if s.load_aware_queue <= 0 or req.steps <= s.load_aware_min_steps:
+            return req, None
+        waiting = self.queue_length()
+        if waiting <= s.load_aware_queue:
+            return req, None
+        note = (
+            f"Load-aware steps: ran {s.load_aware_min_steps} steps instead of {req.steps} because {waiting} jobs "
+            f"were waiting (more than {s.load_aware_queue}); ask again when it is quieter for the full quality."
+        )
+        return replace(req, steps=s.load_aware_min_steps), note
+
     def _admit(self, wait_ready: float | None) -> None:
         """Refuse at once while shutting down; wait (up to wait_ready) while the model loads."""
-        if not self.admission.accepting:
+        if not self.pool.accepting:
             raise ShuttingDown("The server is shutting down and takes no new jobs. Try again in a minute.")
         if self.ready:
             return
@@ -313,13 +333,16 @@ class Engine:
 
     def _count_ok(self, result: GenerationResult, queue_wait: float) -> None:
         t = result.timings
+        replica = result.replica
         self.metrics.requests.labels("ok").inc()
-        self.metrics.latency.observe(t.gpu_total)
+        self.metrics.latency.labels(replica).observe(t.gpu_total)
         self.metrics.queue_wait.observe(queue_wait)
         self.metrics.images.inc(len(result.images))
-        self.metrics.stage.labels("text_encoder").observe(t.text_encoder)
-        self.metrics.stage.labels("denoise").observe(t.denoise)
-        self.metrics.stage.labels("vae_decode").observe(t.vae_decode)
+        self.metrics.jobs_by_path.labels(result.compute_path).inc()
+        self.metrics.replica_images.labels(replica).inc(len(result.images))
+        self.metrics.stage.labels("text_encoder", replica).observe(t.text_encoder)
+        self.metrics.stage.labels("denoise", replica).observe(t.denoise)
+        self.metrics.stage.labels("vae_decode", replica).observe(t.vae_decode)
         self._images_made += len(result.images)
 
     def _notify(self, result: GenerationResult | None, error: BaseException | None) -> None:
@@ -336,8 +359,9 @@ class Engine:
         # down or loading, cancelled in the queue); %s because an invalid request may hold any value.
         times = f"path {result.compute_path}, {result.timings.summary()}" if result else f"error: {str(error)[:200]}"
         log.info(
-            "request user=%s size=%sx%s steps=%s count=%s seed=%s outcome=%s %s",
+            "request user=%s replica=%s size=%sx%s steps=%s count=%s seed=%s outcome=%s %s",
             req.user or "-",
+            (result.replica if result else "") or "-",
             req.width,
             req.height,
             req.steps,
@@ -348,38 +372,44 @@ class Engine:
         )
 
     def _refresh_metrics(self) -> None:
-        self.metrics.queue_depth.set(self.admission.waiting)
-        self.metrics.running.set(1 if self.admission.running else 0)
+        self.metrics.queue_depth.set(self.pool.waiting)
+        self.metrics.running.set(len(self.pool.running))
         snap = memory_snapshot()
         if snap.get("host_rss_bytes") is not None:
             self.metrics.host_rss.set(snap["host_rss_bytes"])
-        for g in snap.get("gpus", []):
+        local = self.pool.replicas[0].name if self.model is not None and self.pool.replicas else "-"
+        for g in snap.get("gpus", []):  # this process's GPUs: the in-process replica's
             for kind in ("allocated", "reserved", "peak_allocated", "peak_reserved"):
-                self.metrics.vram.labels(str(g["index"]), kind).set(g[f"{kind}_bytes"])
+                self.metrics.vram.labels(local, str(g["index"]), kind).set(g[f"{kind}_bytes"])
+        self.metrics.refresh_replicas(self.pool.status())
 
     def status(self) -> dict[str, Any]:
         """Everything the profiler panel and /ready show, as plain data."""
         m = self.model
-        running = self.admission.running
+        running = self.running_job
+        replicas = self.pool.status()
+        first = {} if m else next((r for r in replicas if r.get("state") in ("ready", "busy")), {})
         return {
             "ready": self.ready,
             "load": self.timeline.snapshot(),
             "model": m.source.name if m else self.settings.model,
-            "device": m.device if m else "cpu",
-            "device_name": m.device_name if m else "CPU",
+            "device": m.device if m else first.get("device", "cpu"),
+            "device_name": m.device_name if m else first.get("device_name", "CPU"),
             "dtype": m.dtype_name if m else "",
-            "memory_mode": str(m.plan.mode) if m else None,
-            "memory_reason": m.plan.reason if m else None,
-            "notes": list(self.notes),
-            "queue_depth": self.admission.waiting,
+            "memory_mode": str(m.plan.mode) if m else first.get("memory_mode"),
+            "memory_reason": m.plan.reason if m else first.get("memory_reason"),
+            "notes": list(self.notes) if m else list(first.get("notes", [])),
+            "queue_depth": self.pool.waiting,
             "running": running.id if running else None,
             "running_step": (running.step, running.total) if running else None,
+            "replicas": replicas,
+            "replica_plan": self.replica_plan.describe(),
             "images_made": self._images_made,
             "uptime_s": time.time() - self.started,
             "memory": memory_snapshot(),
             "last": self.recent.last(),
             "pending_writes": self.store.pending,
-            "speed": self.speed_status(),
+            "speed": self.speed_status(replicas),
         }
 
     def speed_phrase(self) -> str:
@@ -392,12 +422,24 @@ class Engine:
         eta = sp.get("eta_s")
         return f"ready (full speed in about {eta:.0f} s)" if eta is not None else "ready (compiling)"
 
-    def speed_status(self) -> dict[str, Any]:
-        """Eager or compiled, and when full speed comes: the banner and /ready say it."""
+    def speed_status(self, replicas: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Eager or compiled, and when full speed comes, over every replica: the banner and /ready
+        say it. Full speed once each ready replica's compiled blocks are live (or it compiles
+        nothing); the wait is the longest."""
         compiler = self.compiler
-        if compiler is None:
-            return {"state": "eager-only" if self.model else "loading", "full_speed": bool(self.model), "eta_s": 0.0}
-        return compiler.snapshot()
+        if compiler is not None:
+            return compiler.snapshot()
+        rows = replicas if replicas is not None else (self.pool.status() if self.pool.replicas else [])
+        speeds = [r["speed"] for r in rows if r.get("speed") and r.get("state") in ("ready", "busy")]
+        if not speeds:
+            return {"state": "eager-only" if self.ready else "loading", "full_speed": self.ready, "eta_s": 0.0}
+        if all(sp.get("full_speed") for sp in speeds):
+            live = any(sp.get("state") == "live" for sp in speeds)
+            return {"state": "live" if live else "eager-only", "full_speed": True, "eta_s": 0.0}
+        if all(sp.get("state") in ("failed", "live", "eager-only") for sp in speeds):
+            return {"state": "failed", "full_speed": False, "eta_s": None}
+        etas = [sp.get("eta_s") for sp in speeds if sp.get("eta_s") is not None]
+        return {"state": "compiling", "full_speed": False, "eta_s": max(etas) if etas else None}
 
     # --- shutdown --------------------------------------------------------------------------
 
@@ -405,9 +447,10 @@ class Engine:
         """Stop taking jobs, let the running one finish (or cancel it after grace_s), flush files.
 
         Returns True when the running job finished on its own."""
-        finished = self.admission.drain(grace_s)
+        finished = self.pool.drain(grace_s)
         if self.compiler is not None:  # a compile cannot be stopped midway: let it end (bounded)
             self.compiler.wait(min(grace_s, COMPILE_EXIT_WAIT_S))
+        self.pool.close()
         self.store.close(wait=True)
         return finished
 

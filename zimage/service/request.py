@@ -41,6 +41,7 @@ class GenerationRequest:
     seed: int = -1
     count: int = 1
     user: str = ""  # who asked (for logs); never affects the image
+    owner: str = ""  # whose outputs folder the images go to (a logged-in user; '' = the shared one)
 
     def seeds(self) -> list[int]:
         """Seeds of the images, s, s+1, ...; the seed must be resolved first."""

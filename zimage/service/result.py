@@ -66,6 +66,8 @@ class GenerationResult:
     device: str
     job_id: str
     started_at: float = 0.0  # wall clock when the job got the GPU (its date in history and metadata)
+    replica: str = ""  # the replica (GPU worker) that ran it
+    steps_asked: int | None = None  # set when load-aware steps ran fewer steps than asked
     paths: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # e.g. "retried with VAE tiling after OOM"
     compute_path: str = "eager"  # "eager" or "compiled" (blocks), as zimage.model.compiler routed it
@@ -96,7 +98,14 @@ class GenerationResult:
             "batch_seed": r.seed,
             "batch_count": r.count,
             "generator": "zimage",
+            **self._load_aware(),
         }
+
+    def _load_aware(self) -> dict[str, Any]:
+        """Said wherever the parameters go, so nobody mistakes a faster, rougher picture for the usual."""
+        if self.steps_asked is None:
+            return {}
+        return {"steps_asked": self.steps_asked, "load_aware_steps": True}
 
     def summary(self) -> dict[str, Any]:
         """The short record the profiler's "Last run" card shows (no prompt: the panel is shared)."""
@@ -132,7 +141,9 @@ class GenerationResult:
             "timings": self.timings.as_dict(),
             "started_at": self.started_at,
             "job": self.job_id,
+            "replica": self.replica,
             "compute_path": self.compute_path,
+            **self._load_aware(),
         }
 
 

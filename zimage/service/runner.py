@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from zimage.errors import Cancelled, OutOfMemory
+from zimage.model.decode import available_for_decode, decode_strategy
 from zimage.model.memory import HOOKED_MODES, SINGLE_STREAM_MODES, downgrade, free_memory, host_embedding, is_oom
 from zimage.model.pipeline import LoadedModel
 from zimage.ops.metrics import EngineMetrics
@@ -114,14 +115,33 @@ class Runner:
         ]
         return torch.cat(parts).to(self.device_for(self.pipe.transformer))
 
-    def decode(self, latents):
-        """Latents -> uint8 RGB (n, H, W, 3) on the device, matching VaeImageProcessor.postprocess."""
+    def decode(self, latents, notes: list[str] | None = None, how: str | None = None):
+        """Latents -> uint8 RGB (n, H, W, 3) on the device, matching VaeImageProcessor.postprocess.
+
+        The whole batch at once when the free memory holds it, else one image at a time (exact),
+        else in tiles (approximate: only when even one image does not fit; noted)."""
         import torch
 
         vae = self.pipe.vae
-        lat = latents.to(vae.dtype)
+        dev = self.device_for(vae)
+        lat = latents.to(dev, vae.dtype)  # multi-gpu: the VAE may sit on another GPU
         lat = lat / vae.config.scaling_factor + vae.config.shift_factor
-        image = vae.decode(lat, return_dict=False)[0]
+        n, _, lh, lw = lat.shape
+        scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        if how is None:
+            how = decode_strategy(n, lh * scale, lw * scale, lat.element_size(), available_for_decode(dev))
+        if how == "tiles" and not vae.use_tiling:
+            vae.enable_tiling()
+            try:
+                image = vae.decode(lat, return_dict=False)[0]
+            finally:
+                vae.disable_tiling()
+            if notes is not None:
+                notes.append("The VAE decoded in tiles: the free GPU memory did not hold a whole image's decode.")
+        elif how == "slices":
+            image = torch.cat([vae.decode(one, return_dict=False)[0] for one in lat.split(1)])
+        else:
+            image = vae.decode(lat, return_dict=False)[0]
         image = (image / 2 + 0.5).clamp(0, 1)
         image = image.float().mul(255).round().to(torch.uint8)
         return image.permute(0, 2, 3, 1)
@@ -187,8 +207,9 @@ class Runner:
         # One device: CUDA events. Several, or offload hooks moving weights: synchronise per stage.
         single_stream = cuda and self.model.plan.mode in SINGLE_STREAM_MODES
         timer = StageTimer(exec_dev if single_stream else None)
-        sync = (lambda: torch.cuda.synchronize()) if cuda and not single_stream else (lambda: None)
+        sync = (lambda: _sync_all(self.model.plan)) if cuda and not single_stream else (lambda: None)
         n = req.count
+        notes: list[str] = []  # what this run did differently (a tiled decode)
         stage = "text_encoder"
 
         def step_done(_pipe, i, _t, _kwargs):
@@ -235,7 +256,7 @@ class Runner:
                 stage = "vae_decode"
                 if progress:
                     progress("decode", req.steps, req.steps)
-                pixels = self.decode(latents)
+                pixels = self.decode(latents, notes)
                 sync()
                 timer.mark("vae_decode")
                 stage = "to_host"
@@ -256,7 +277,16 @@ class Runner:
             memory_mode=self.model.plan.mode,
             device=self.model.device_name,
             job_id=job.id,
+            notes=notes,
         )
+
+
+def _sync_all(plan) -> None:
+    """Wait for every GPU the plan uses (multi-gpu spreads the stages over several)."""
+    import torch
+
+    for dev in {d for d in (*plan.placement.values(), plan.execution_device) if d.startswith("cuda")}:
+        torch.cuda.synchronize(dev)
 
 
 def _timings(marks: list[tuple[str, float]]) -> StageTimings:

@@ -2,7 +2,9 @@
 
 Nothing here touches the GPU directly: every image goes through `engine.generate`, which holds
 the one GPU lock. Form values arrive from Gradio and become one `FormValues`; the engine's
-validation names the field, the value and what is allowed."""
+validation names the field, the value and what is allowed. Every handler checks what it gets and
+answers a bad value with a sentence (gr.Error); guard.py checks every file in and out for all of
+them, and each user sees only their own space (`Access.viewer`)."""
 
 from __future__ import annotations
 
@@ -16,17 +18,20 @@ from typing import Any
 import anyio
 import gradio as gr
 
-from zimage.errors import ZImageError
-from zimage.service.request import GenerationRequest
-from zimage.service.store import read_parameters
+from zimage.errors import UnreadableImage, ZImageError
+from zimage.model.presets import ASPECT_RATIOS
+from zimage.service.pngmeta import clean_parameters, read_parameters, read_parameters_checked
+from zimage.service.request import GUIDANCE_MAX, GenerationRequest
+from zimage.service.store import is_output_name
+from zimage.web.guard import INTERNAL_ERROR, Access, Refused, access_of
 from zimage.web.panels import _s, history_items, parameters_markdown, render_banner, render_profiler, summary_markdown
-from zimage.web.sizes import CUSTOM, match_preset, preset_size, size_note, size_tiers
+from zimage.web.sizes import CUSTOM, match_preset, preset_size, ratio_label, size_note, size_tiers
 
 log = logging.getLogger(__name__)
 
 HISTORY_LIMIT = 40
 PROGRESS_EVERY_S = 0.1  # at most ten progress updates a second to each browser
-INTERNAL_ERROR = "Something went wrong inside the server (it is logged). The server is fine: please try again."
+ASPECT_LABELS = tuple(ratio_label(r) for r in ASPECT_RATIOS)
 
 # ------------------------------------------------------------------------------------------
 # the handlers
@@ -84,7 +89,7 @@ class FormValues:
     seed: Any = -1
     count: Any = 1
 
-    def request(self, user: str) -> GenerationRequest:
+    def request(self, user: str, owner: str = "") -> GenerationRequest:
         return GenerationRequest(
             prompt=self.prompt if self.prompt is not None else "",
             negative_prompt=self.negative_prompt or "",
@@ -95,6 +100,7 @@ class FormValues:
             seed=_number(self.seed, -1),
             count=_number(self.count, 1),
             user=user,
+            owner=owner,
         )
 
 
@@ -110,6 +116,17 @@ class Studio:
         self._jobs_lock = threading.Lock()
         w, _h = engine.default_size
         self.tiers = size_tiers(w, settings.max_size)
+
+    def space_note(self) -> str:
+        """One line on whose images the history shows."""
+        if self.settings.auth or self.settings.auth_file:
+            return "Only you see your images (each login has its own)."
+        return "No logins are set up: everyone who opens this page shares one history and outputs folder."
+
+    @property
+    def access(self) -> Access:
+        """Who may see what (installed on the Blocks by the server; one shared space without it)."""
+        return access_of(self.blocks, self.engine.store)
 
     # --- generation ----------------------------------------------------------------------
 
@@ -130,6 +147,7 @@ class Studio:
         gradio_client's Job.cancel(), a closed tab), the engine job is cancelled too, so the
         pipeline stops within a step instead of running on for nobody."""
         job = self.engine.new_job()
+        owner = self.access.viewer(request).owner
         session = getattr(request, "session_hash", None) or ""
         with self._jobs_lock:
             self._jobs[session] = job
@@ -139,6 +157,7 @@ class Studio:
                 job,
                 FormValues(prompt, negative_prompt, width, height, steps, guidance, seed, count),
                 _who(request),
+                owner,
                 progress,
                 abandon_on_cancel=True,
             )
@@ -150,12 +169,12 @@ class Studio:
                 if self._jobs.get(session) is job:
                     del self._jobs[session]
 
-    def _generate(self, job: Any, values: FormValues, user: str, progress: gr.Progress):
+    def _generate(self, job: Any, values: FormValues, user: str, owner: str, progress: gr.Progress):
         engine = self.engine
         feed = _Progress(progress)
         try:
             self._wait_for_model(progress, job)
-            req = values.request(user)
+            req = values.request(user, owner)
             result = engine.generate(req, job=job, progress=feed, save=True, wait_ready=30.0)
             progress(1.0, desc="Saving PNG…")
             paths = result.wait_saved(timeout=120)
@@ -195,53 +214,65 @@ class Studio:
         job.cancel()
         return "Cancelled: the run stops after the current step."
 
-    def after_generate(self, details: dict[str, Any]):
-        files = [str(self.engine.store.folder / Path(n).name) for n in (details or {}).get("files", [])]
-        files = [f for f in files if Path(f).is_file()]
-        seed = (details or {}).get("seed", -1)
+    def after_generate(self, details: dict[str, Any], request: gr.Request = None):
+        """The download list and summary of a finished run: only files of the asker's own space."""
+        if not isinstance(details, dict):
+            details = {}
+        names = details.get("files") if isinstance(details.get("files"), list) else []
+        folder = self.engine.store.folder_for(self.access.viewer(request).owner)
+        files = [str(folder / n) for n in names if isinstance(n, str) and is_output_name(n)]
+        files = [f for f in files if Path(f).is_file() and not Path(f).is_symlink()]
+        seed = details.get("seed", -1)
+        seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else -1
         download = gr.update(value=files or None, visible=bool(files))
-        return seed, summary_markdown(details), download, ""
+        try:
+            summary = summary_markdown(details)
+        except Exception:  # noqa: BLE001 - a details dict the page did not make: no summary
+            summary = ""
+        return seed, summary, download, ""
 
     # --- history, parameters ------------------------------------------------------------
 
-    def history(self):
-        return history_items(self.engine.store.history(HISTORY_LIMIT))
+    def history(self, request: gr.Request = None):
+        """The asker's own outputs (an admin's: everyone's), newest first."""
+        viewer = self.access.viewer(request)
+        owner = None if viewer.admin else viewer.owner
+        return history_items(self.engine.store.history(HISTORY_LIMIT, owner))
 
-    def select_image(self, evt: gr.SelectData):
-        value = evt.value or {}
-        image = value.get("image") if isinstance(value, dict) else None
-        path = (image or {}).get("path") if isinstance(image, dict) else None
-        if not path:
+    def select_image(self, evt: gr.SelectData, request: gr.Request = None):
+        value = evt.value if isinstance(evt.value, dict) else {}
+        image = value.get("image")
+        path = image.get("path") if isinstance(image, dict) else None
+        if not path or not isinstance(path, str):
             return {}, "Select an image to see its parameters."
-        if not self._may_read(path):  # the path comes from the browser: only our images
-            return {}, "That image is not one of this studio's outputs."
+        try:  # the path comes from the browser: only the asker's own images and uploads
+            real = self.access.check(path, self.access.viewer(request))
+        except Refused:
+            return {}, "That image is not one of yours (or is gone), so its parameters are not shown."
         try:
-            params = read_parameters(path)
-        except Exception:  # noqa: BLE001 - a file that is not a readable PNG has no parameters
+            params = read_parameters(real)
+        except (UnreadableImage, OSError):
             params = {}
-        return params, parameters_markdown(params, value.get("caption") or Path(path).name)
-
-    def _may_read(self, path: str) -> bool:
-        """Inside the outputs folder or Gradio's cache (where shown images are copied)."""
-        from gradio.utils import get_upload_folder
-
-        try:
-            real = Path(path).resolve()
-        except (OSError, RuntimeError):
-            return False
-        roots = (Path(self.engine.store.folder).resolve(), Path(get_upload_folder()).resolve())
-        return real.suffix.lower() == ".png" and any(real.is_relative_to(r) for r in roots)
+        caption = value.get("caption") if isinstance(value.get("caption"), str) else None
+        return params, parameters_markdown(params, caption or real.name)
 
     def load_png(self, file: Any):
-        """A PNG dropped on the page: its embedded parameters, and the form filled with them."""
+        """A PNG dropped on the page: its embedded parameters, and the form filled with them.
+
+        The file is an upload of this session (guard.py refused anything else before this runs);
+        its chunks are read without decoding a pixel, and every field is checked."""
         path = getattr(file, "name", file)
         no_change = [gr.update()] * 10
         if not path:
             return [{}, "", *no_change]
+        if not isinstance(path, (str, Path)):
+            raise Refused("Drop a PNG file made by zimage to load its settings.")
         name = Path(str(path)).name
         try:
-            params = read_parameters(path)
-        except Exception:  # noqa: BLE001 - not an image PIL can read
+            params, dropped = read_parameters_checked(path)
+        except UnreadableImage as exc:
+            return [{}, f"**{name}** is not a PNG image that zimage can read: {exc}", *no_change]
+        except OSError:
             return [{}, f"**{name}** is not a PNG image that zimage can read.", *no_change]
         if not params:
             return [
@@ -249,17 +280,19 @@ class Studio:
                 f"**{name}** carries no zimage parameters (was it made by zimage with metadata on?).",
                 *no_change,
             ]
-        return [params, parameters_markdown(params, name), *self.use_settings(params)]
+        note = f"  \nLeft out what could not be read: {', '.join(dropped)}." if dropped else ""
+        return [params, parameters_markdown(params, name) + note, *self.use_settings(params)]
 
     def use_settings(self, params: dict[str, Any]):
         """Form values from a parameters dict: prompt, negative, width, height, steps, guidance, seed,
         count, aspect, tier."""
+        params = clean_parameters(params)[0] if isinstance(params, dict) else {}
         if not params:
             return [gr.update()] * 10
         w = params.get("width")
         h = params.get("height")
         aspect, tier = (
-            match_preset(int(w), int(h), self.tiers, self.settings.min_size, self.settings.max_size)
+            match_preset(w, h, self.tiers, self.settings.min_size, self.settings.max_size)
             if w and h
             else (CUSTOM, None)
         )
@@ -281,15 +314,24 @@ class Studio:
     def pick_preset(self, aspect: str, tier: Any):
         if aspect == CUSTOM or tier is None:
             return gr.update(), gr.update(), gr.update()
-        w, h, note = preset_size(aspect, int(tier), self.settings.min_size, self.settings.max_size)
+        if aspect not in ASPECT_LABELS:
+            raise Refused(f"Aspect ratio must be one of {', '.join(ASPECT_LABELS)} or {CUSTOM} (got {_short(aspect)}).")
+        if _whole(tier) not in self.tiers:
+            raise Refused(f"Resolution must be one of {', '.join(map(str, self.tiers))} (got {_short(tier)}).")
+        w, h, note = preset_size(aspect, _whole(tier), self.settings.min_size, self.settings.max_size)
         return w, h, size_note(w, h, note)
 
     def custom_size(self, width: Any, height: Any):
-        return CUSTOM, size_note(width, height)
+        w, h = _whole(width), _whole(height)
+        return CUSTOM, size_note(w, h) if w is not None and h is not None else ""
 
     @staticmethod
     def negative_state(guidance: float):
-        if guidance and float(guidance) > 0:
+        try:
+            guidance = float(guidance or 0.0)
+        except (TypeError, ValueError, OverflowError):
+            raise Refused(f"Guidance must be a number from 0 to {GUIDANCE_MAX:g} (got {_short(guidance)}).") from None
+        if guidance > 0:
             return gr.update(
                 interactive=True,
                 info=f"In use: guidance {float(guidance):g} runs a second pass per step with it (about 2× slower).",
@@ -320,6 +362,22 @@ class Studio:
             return len(queue) if queue is not None else 0
         except Exception:  # noqa: BLE001 - Gradio internals; a reading must never break the panel
             return 0
+
+
+def _whole(value: Any) -> int | None:
+    """A whole number from a widget value, or None (junk, infinities, booleans)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return int(number) if number == number and abs(number) < 1e9 and number.is_integer() else None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _number(value: Any, default: int | None = None) -> Any:

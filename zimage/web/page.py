@@ -3,8 +3,9 @@
 `build_ui(engine, ops, settings)` returns the Blocks; server.py mounts it on FastAPI with the
 options from `page_options()`. The widgets are declared here; what they do lives in
 handlers.py (the Studio), what the panels show in panels.py, the size arithmetic in sizes.py.
-Every GPU listener shares one `concurrency_id` with a limit of 1, so Gradio's own queue (and
-its queue position display) is where people wait; the engine holds the GPU lock behind it.
+Every GPU listener shares one `concurrency_id` with a limit of one per replica (one per GPU),
+so Gradio's own queue (and its queue position display) is where people wait; the engine's
+replica pool hands each running job to a free replica behind it.
 """
 
 from __future__ import annotations
@@ -142,6 +143,7 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
             with gr.Column(scale=4, min_width=330, elem_id="zi-form"):
                 with gr.Group(elem_classes=["zi-card-group"]):
                     prompt = gr.Textbox(
+                        "",  # a default for API callers too: Client.predict("a cat", api_name="/generate")
                         label="Prompt",
                         placeholder="Describe the picture… (Enter generates, Shift+Enter adds a line)",
                         lines=1,
@@ -151,6 +153,7 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
                         max_length=settings.max_prompt_chars,
                     )
                     negative = gr.Textbox(
+                        "",
                         label="Negative prompt",
                         placeholder="What to avoid",
                         lines=1,
@@ -251,7 +254,7 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
                     with gr.Tab("History", id="history") as history_tab:
                         with gr.Row(equal_height=True):
                             gr.Markdown(
-                                "Saved outputs, newest first. Select one to see its parameters.",
+                                f"Saved outputs, newest first. Select one to see its parameters. {studio.space_note()}",
                                 elem_classes=["zi-hint"],
                             )
                             refresh_btn = gr.Button("↻ Refresh", size="sm", scale=0, min_width=110)
@@ -296,7 +299,7 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
         inputs = _Inputs(prompt, negative, width, height, steps, guidance, seed, count)
         form_outputs = [*inputs.as_list(), aspect, tier]
 
-        # one GPU job at a time across every listener: one concurrency group, and the engine lock
+        # one job per replica at a time across every listener: one concurrency group, and the pool behind it
         gen_event = gr.on(
             triggers=[generate_btn.click, prompt.submit],
             fn=studio.generate,
@@ -305,7 +308,7 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
             api_name="generate",
             api_description=API_DESCRIPTION,
             concurrency_id=GPU_QUEUE,
-            concurrency_limit=1,
+            concurrency_limit=engine.concurrency,
             show_progress="full",
             show_progress_on=[gallery],
             # raw values reach the engine, whose validation names the field, the value and what is

@@ -70,6 +70,7 @@ def render_profiler(status: dict[str, Any], ops_status: dict[str, Any] | None = 
         _effect_card(status),
         _memory_card(status.get("memory") or {}),
         _queue_card(status, waiting),
+        _replicas_card(status.get("replicas") or []),
         _load_card(status.get("load") or {}),
     ]
     if ops_status:
@@ -162,6 +163,28 @@ def _queue_card(status: dict[str, Any], waiting: int) -> str:
     if status.get("pending_writes"):
         rows.append(_kv("PNG writes pending", status["pending_writes"]))
     return _card("zi-queue", "Queue", "".join(rows))
+
+
+def _replicas_card(rows: list[dict[str, Any]]) -> str:
+    """One short row per replica (several GPUs): state, job step, VRAM, last run, restarts."""
+    if len(rows) < 2:
+        return ""  # one replica: the other cards already say it all
+    out = []
+    for r in rows:
+        state = r.get("state", "?")
+        if r.get("step"):
+            state = f"{state} {r['step'][0]}/{r['step'][1]}"
+        vram = r.get("vram") or {}
+        mem = human_bytes(vram.get("allocated_bytes")) if vram.get("allocated_bytes") is not None else "-"
+        last = r.get("last_run") or {}
+        last_text = f"{_s(last.get('seconds'))} {last.get('outcome', '')}".strip() if last else "no run yet"
+        extra = f" · {r['restarts']} restart(s)" if r.get("restarts") else ""
+        title = r.get("error") or r.get("device_name") or ""
+        out.append(
+            f'<div class="zi-kv zi-replica zi-replica-{_e(r.get("state", ""))}" title="{_e(title)}">'
+            f"<span>{_e(r.get('name', '?'))}</span><b>{_e(state)} · {_e(mem)} · {_e(last_text)}{_e(extra)}</b></div>"
+        )
+    return _card("zi-replicas", f"Replicas · {len(rows)}", "".join(out))
 
 
 def _load_card(load: dict[str, Any]) -> str:

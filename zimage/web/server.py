@@ -23,6 +23,7 @@ from zimage.settings import Settings, parse_user
 
 log = logging.getLogger(__name__)
 
+AUTH_MESSAGE = "zimage studio: log in with the user name and password your admin gave you."
 UVICORN_GRACE_S = 3.0  # after the engine drained: open browser streams get this long to close
 # After the last result went out, its browser or client still fetches the image files: keep
 # serving until no file was asked for during this long (at most DOWNLOAD_LINGER_MAX_S).
@@ -50,6 +51,23 @@ def read_users(settings: Settings) -> list[tuple[str, str]]:
     return [parse_user(entry, where) for entry, where in entries]
 
 
+def check_admins(settings: Settings, users: list[tuple[str, str]]) -> None:
+    """Admins must be users who can log in."""
+    if not settings.admins:
+        return
+    if not users:
+        raise SettingsError(
+            "Setting 'admins' needs logins: without --auth (or ZIMAGE_AUTH, or --auth-file) everyone shares "
+            "one space anyway. Add logins or drop 'admins'."
+        )
+    names = {u for u, _ in users}
+    unknown = [a for a in settings.admins if a not in names]
+    if unknown:
+        raise SettingsError(
+            f"Setting 'admins' names {', '.join(map(repr, unknown))}, who cannot log in: add them to the logins."
+        )
+
+
 def check_share(settings: Settings, users: list[tuple[str, str]]) -> None:
     """A share link is public: refuse it without a login unless asked for on purpose."""
     if settings.share and not users and not settings.share_without_auth:
@@ -60,12 +78,53 @@ def check_share(settings: Settings, users: list[tuple[str, str]]) -> None:
         )
 
 
+def checkout_folder() -> Path:
+    """The folder holding app.py and zimage/."""
+    return Path(__file__).resolve().parents[2]
+
+
+def check_outputs_dir(outputs_dir: str, config: str | None, auth_file: str | None) -> None:
+    """Refuse an outputs folder that holds what must never be served: '/', the home folder, the
+    checkout, or a folder holding the settings file, the auth file or the logs."""
+    outputs = Path(outputs_dir).expanduser().resolve()
+    checkout = checkout_folder()
+    guarded: list[tuple[Path, str]] = [
+        (Path("/"), "the root of the file system"),
+        (Path.home().resolve(), "the home folder"),
+        (checkout, "the checkout of zimage's own code"),
+        (checkout / "logs", "the logs"),
+        (checkout / "zimage.yaml", "the settings file"),
+        (Path("zimage.yaml").resolve(), "the settings file zimage.yaml of the working folder"),
+    ]
+    if config:
+        guarded.append((Path(config).expanduser().resolve(), "the settings file"))
+    if auth_file:
+        guarded.append((Path(auth_file).expanduser().resolve(), "the auth file"))
+    for path, what in guarded:
+        if path == outputs or path.is_relative_to(outputs):
+            relation = "is" if path == outputs else "holds"
+            raise SettingsError(
+                f"Setting 'outputs_dir' is {outputs}, which {relation} {what}: the studio serves files from its "
+                f"outputs folder, so give it a folder of its own (for example {checkout / 'outputs'})."
+            )
+
+
+def _never_served(settings: Settings) -> list[str]:
+    """Gradio's blocked_paths: the settings file, the auth file and the logs, whatever else allows them."""
+    paths = [checkout_folder() / "logs", checkout_folder() / "zimage.yaml", Path("zimage.yaml").resolve()]
+    for name in (settings.config, settings.auth_file):
+        if name:
+            paths.append(Path(name).expanduser().resolve())
+    return [str(p) for p in paths]
+
+
 # ------------------------------------------------------------------------------------------
 # the app
 
 
 class _Watch:
-    """ASGI middleware: counts full-queue refusals (503 on .../queue/join) as 'rejected' requests,
+    """ASGI middleware: counts queue refusals (503 full, 429 too many of one user's on .../queue/join)
+    as 'rejected' requests,
     and notes when files were last downloaded (so a drain lets the last results be fetched)."""
 
     def __init__(self, app, on_refused, on_file):
@@ -90,7 +149,7 @@ class _Watch:
             return
 
         async def watch(message):
-            if message["type"] == "http.response.start" and message["status"] == 503:
+            if message["type"] == "http.response.start" and message["status"] in (503, 429):
                 self.on_refused()
             await send(message)
 
@@ -105,12 +164,15 @@ class WebServer:
 
         self.settings = settings
         self.users = read_users(settings) if users is None else users
+        check_outputs_dir(settings.outputs_dir, settings.config, settings.auth_file)
+        check_admins(settings, self.users)
         self.engine = engine if engine is not None else Engine(settings)
         from zimage.ops.operations import Operations
         from zimage.web.page import build_ui  # Gradio: imported while the model loads (see run)
 
         self.ops = Operations(self.engine, settings, self.request_exit)
         self.blocks = build_ui(self.engine, self.ops, settings)
+        self.engine.waiting_elsewhere = self._waiting_in_gradio  # load-aware steps count these too
         log.info("page built %.1fs after the process started", self.engine.timeline.elapsed())
         self.exit_code = 0
         self.draining = threading.Event()
@@ -147,8 +209,14 @@ class WebServer:
             yield
             self.ops.stop()
 
+        from zimage.web.gate import Gate, GatePolicy
+        from zimage.web.guard import Access, install
+
         app = FastAPI(title="zimage", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
         app.add_middleware(_Watch, on_refused=self._queue_refused, on_file=self._file_served)
+        self.access = Access(engine.store, self.users, s.admins)
+        # outermost: nothing reaches a route (ours or Gradio's) before the gate has looked at it
+        app.add_middleware(Gate, policy=GatePolicy(self.access, s, lambda: self._gradio_app, AUTH_MESSAGE))
 
         @app.get("/health")
         def health():
@@ -168,22 +236,26 @@ class WebServer:
             self.blocks,
             path="/",
             auth=self.users or None,
-            auth_message="zimage studio: log in with the user name and password your admin gave you.",
+            auth_message=AUTH_MESSAGE,
             root_path=s.root_path or None,
-            # history and downloads are served straight from the outputs folder
-            allowed_paths=[str(Path(s.outputs_dir).expanduser().resolve())],
-            show_error=True,
+            # Gradio's own file check (restored by guard.install) lets handlers hand out outputs and
+            # never what sits next to the studio; zimage's rule on top keeps each user to their own.
+            allowed_paths=[str(engine.store.root)],
+            blocked_paths=_never_served(s),
+            # a gr.Error's sentence still reaches the user; any other exception's text does not
+            show_error=False,
             ssr_mode=False,
             footer_links=["api", "settings"],
             run_history=False,
             mcp_server=False,
-            max_file_size="64mb",
+            max_file_size=f"{s.max_upload_mb}mb",
             **page_options(),
         )
         from gradio.routes import App
         from starlette.routing import Mount
 
         self._gradio_app = next(r.app for r in app.routes if isinstance(r, Mount) and isinstance(r.app, App))
+        install(self.blocks, self.access, s.max_jobs_per_user)
         return app
 
     def _end_streams(self) -> None:
@@ -318,8 +390,7 @@ class WebServer:
 
     def force_stop(self) -> None:
         self._forced = True
-        job = self.engine.running_job
-        if job is not None:
+        for job in self.engine.running_jobs:
             job.cancel()
         if self._uvicorn is not None:
             self._uvicorn.force_exit = True
@@ -403,16 +474,22 @@ def run(settings: Settings) -> int:
     try:
         users = read_users(settings)
         check_share(settings, users)
+        check_admins(settings, users)
+        check_outputs_dir(settings.outputs_dir, settings.config, settings.auth_file)
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if not users:
-        log.warning("no --auth given: anyone who can reach %s:%d can use the studio", settings.host, settings.port)
+        log.warning(
+            "no --auth given: anyone who can reach %s:%d can use the studio, and everyone shares one "
+            "outputs folder and history",
+            settings.host,
+            settings.port,
+        )
     from zimage.service.engine import Engine
 
     # The model loads from now on, on its own thread: Gradio's and FastAPI's imports and the page
     # build below overlap its weight reads.
     engine = Engine(settings)
     engine.start_loading()
-    server = create_app(settings, users, engine)
-    return server.serve()
+    return create_app(settings, users, engine).serve()

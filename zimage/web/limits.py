@@ -1,0 +1,115 @@
+"""Per-user limits kept in memory: the upload quota and the login throttle (pure, tested alone)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict, deque
+
+log = logging.getLogger("zimage.web.gate")  # one logger for what the gate decides
+
+QUOTA_WINDOW_S = 3600.0
+FREE_LOGIN_FAILURES = 5  # a few typos cost nothing (fail2ban's default too)
+MAX_TRACKED = 20_000  # keys remembered at most (an attacker may make up names)
+
+
+class UploadQuota:
+    """Bytes and files per key (a user, or an address without logins) over the last hour."""
+
+    def __init__(self, max_bytes: int, max_files: int, window_s: float = QUOTA_WINDOW_S):
+        self.max_bytes = max_bytes  # 0 = no limit
+        self.max_files = max_files
+        self.window_s = window_s
+        self._used: dict[str, deque[tuple[float, int, int]]] = {}
+        self._lock = threading.Lock()
+
+    def _totals(self, key: str) -> tuple[int, int]:
+        now = time.time()
+        entries = self._used.get(key)
+        if not entries:
+            return 0, 0
+        while entries and now - entries[0][0] > self.window_s:
+            entries.popleft()
+        return sum(e[1] for e in entries), sum(e[2] for e in entries)
+
+    def check(self, key: str, incoming: int) -> tuple[str | None, float]:
+        """(a refusal or None, how many more bytes this upload may bring)."""
+        with self._lock:
+            used_bytes, used_files = self._totals(key)
+        if self.max_files and used_files >= self.max_files:
+            return (
+                f"You have uploaded {used_files} files in the last hour, the most allowed; try again later.",
+                0,
+            )
+        room = self.max_bytes - used_bytes if self.max_bytes else math.inf
+        if incoming > room:
+            return self.over_message(key, incoming), 0
+        return None, room
+
+    def over_message(self, key: str, incoming: int = 0) -> str:
+        with self._lock:
+            used_bytes, _ = self._totals(key)
+        size = f"this upload ({incoming / 1e6:.1f} MB)" if incoming else "this upload"
+        return (
+            f"The upload quota is {self.max_bytes / 1e6:.0f} MB per hour and you have used {used_bytes / 1e6:.1f} MB: "
+            f"{size} does not fit; try again later."
+        )
+
+    def record(self, key: str, nbytes: int, nfiles: int) -> None:
+        with self._lock:
+            self._used.setdefault(key, deque()).append((time.time(), nbytes, nfiles))
+            if len(self._used) > MAX_TRACKED:
+                self._used.pop(next(iter(self._used)))
+
+
+class LoginThrottle:
+    """Failed logins in a row per key: the first few are free, then each next attempt waits 1 s,
+    2 s, 4 s, ... (up to max_delay_s) after the last failure. A success clears the keys."""
+
+    def __init__(self, max_delay_s: float):
+        self.max_delay_s = max_delay_s
+        self._fails: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self._logged: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def delay(self, count: int) -> float:
+        if not self.max_delay_s or count < FREE_LOGIN_FAILURES:
+            return 0.0
+        return min(self.max_delay_s, 2.0 ** (count - FREE_LOGIN_FAILURES))
+
+    def wait(self, keys: tuple[str, ...]) -> float:
+        now = time.monotonic()
+        with self._lock:
+            waits = [last + self.delay(n) - now for n, last in (self._fails.get(k, (0, 0.0)) for k in keys)]
+        return max(0.0, *waits)
+
+    def failure(self, keys: tuple[str, ...]) -> tuple[int, float]:
+        """Count a failure; (failures in a row for the first key, the wait before its next attempt)."""
+        now = time.monotonic()
+        with self._lock:
+            for k in keys:
+                n, _ = self._fails.pop(k, (0, 0.0))
+                self._fails[k] = (n + 1, now)
+            while len(self._fails) > MAX_TRACKED:
+                self._fails.popitem(last=False)
+            count = self._fails[keys[0]][0]
+            return count, max(self.delay(self._fails[k][0]) for k in keys)
+
+    def success(self, keys: tuple[str, ...]) -> None:
+        with self._lock:
+            for k in keys:
+                self._fails.pop(k, None)
+
+    def log_refusal(self, name: str, address: str, wait: float) -> None:
+        """One line per user and address per second at most: a flood of attempts is no flood of lines."""
+        now = time.monotonic()
+        key = f"{name}\0{address}"
+        with self._lock:
+            if now - self._logged.get(key, 0.0) < 1.0:
+                return
+            self._logged[key] = now
+            if len(self._logged) > MAX_TRACKED:
+                self._logged.clear()
+        log.warning("login attempt for %r from %s refused: throttled for %.1f s more", name, address, wait)
