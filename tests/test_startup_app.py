@@ -48,7 +48,7 @@ def test_ready_says_full_speed_is_coming_then_here(make_settings):
         assert body["full_speed_in_s"] > 0
         assert "full speed in about" in render_banner(engine.status())
 
-        client = Client(url, verbose=False)
+        client = Client(url, verbose=False, httpx_kwargs={"timeout": 120})  # two loaded cores answer slowly
         _gallery, details = client.predict("a fox", "", 64, 64, 2, 0, 5, 1, api_name="/generate")
         assert details["compute_path"] == "eager"
 
