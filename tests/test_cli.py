@@ -128,3 +128,20 @@ def test_missing_model_exits_3_with_advice(tiny_dir, tmp_path):
 def test_no_command_prints_help(tiny_dir, tmp_path):
     out = run([], tiny_dir, tmp_path)
     assert out.returncode == 0 and "generate" in out.stdout
+
+
+def test_an_output_that_cannot_be_written_exits_1_with_one_line(tiny_dir, tmp_path):
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file where the folder should be")
+    out = run(
+        ["generate", "--model", "tiny", "--prompt", "x", "--device", "cpu", "--width", "64", "--height", "64",
+         "--min-size", "64", "--output", str(blocker / "result.png")],
+        tiny_dir,
+        tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    assert (
+        out.stderr.strip().splitlines()[-1]
+        == f"error: Could not write {blocker / 'result.png'}: a file stands where the folder should be."
+    )
+    assert "Traceback" not in out.stderr

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import stat
+import tempfile
 import time
+from pathlib import Path
 
-from zimage.ops.operations import Operations, gradio_cache_dir
+import pytest
+
+from zimage.errors import SettingsError
+from zimage.ops.operations import CHECKOUT, Operations, prepare_gradio_cache
 from zimage.ops.watchdog import WATCHDOG_EXIT_CODE
+from zimage.service.store import TMP_PREFIX
 
 from .support import metric_value, wait_until
 
@@ -21,13 +28,51 @@ def old_file(path, age_s=900 * HOUR, size=100):
     return path
 
 
-def test_gradio_cache_dir_agrees_with_gradio(monkeypatch, tmp_path):
+def test_zimage_gets_a_gradio_cache_of_its_own(monkeypatch, tmp_path):
+    """The folder is made (private), and Gradio is pointed at it: its own get_upload_folder() agrees."""
     from gradio.utils import get_upload_folder
 
-    monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
-    assert gradio_cache_dir() == gradio_cache_dir({}) and str(gradio_cache_dir()) == get_upload_folder()
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gr"))
-    assert str(gradio_cache_dir()) == get_upload_folder() == str(tmp_path / "gr")
+    monkeypatch.setenv("GRADIO_TEMP_DIR", "/somewhere/else")
+    folder = prepare_gradio_cache(tmp_path / "data" / "gradio")
+    assert folder == (tmp_path / "data" / "gradio").resolve() and folder.is_dir()
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert get_upload_folder() == str(folder)
+    env: dict[str, str] = {}
+    assert prepare_gradio_cache(folder, env) == folder and env == {"GRADIO_TEMP_DIR": str(folder)}
+
+
+@pytest.mark.parametrize(
+    "folder, message",
+    [
+        (Path(tempfile.gettempdir()) / "gradio", "Gradio's shared cache"),
+        (Path(tempfile.gettempdir()), "the system's temp folder"),
+        (Path.home(), "the home folder"),
+        (Path("/"), "a folder above"),
+        (CHECKOUT, "zimage's checkout"),
+        (Path("/proc/nope"), "cannot create /proc/nope"),
+    ],
+)
+def test_shared_or_impossible_gradio_cache_is_refused(folder, message):
+    env: dict[str, str] = {}
+    with pytest.raises(SettingsError, match="gradio_cache_dir") as info:
+        prepare_gradio_cache(folder, env)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert env == {}  # Gradio is not pointed anywhere
+
+
+def test_start_sweeps_temp_files_left_by_a_killed_writer(engine, make_settings, tmp_path):
+    """kill -9 during a PNG write leaves .tmp-<name>.<pid>.<thread>: gone at start, even with the purge off."""
+    outputs = tmp_path / "outputs"
+    dead = old_file(outputs / f"{TMP_PREFIX}20250101-000000-000000-seed1.png.999999999.1", age_s=60)
+    ancient = old_file(outputs / f"{TMP_PREFIX}20250101-000000-000000-seed2.png.{os.getpid()}.1", age_s=HOUR)
+    live = old_file(outputs / f"{TMP_PREFIX}20250101-000000-000000-seed3.png.{os.getpid()}.2", age_s=1)
+    other = old_file(outputs / ".tmp-notes.txt")  # not the store's name
+    settings = make_settings(outputs_dir=str(outputs), purge_every_minutes=0)
+    ops = Operations(engine, settings, lambda code: None, cache_dirs=[])
+    ops.start()
+    ops.stop()
+    assert not dead.exists() and not ancient.exists()
+    assert live.exists() and other.exists()
 
 
 def test_start_purges_on_schedule_and_hooks_the_watchdog(engine, make_settings, tmp_path):
@@ -69,10 +114,14 @@ def test_start_purges_on_schedule_and_hooks_the_watchdog(engine, make_settings, 
     assert exits == []  # CPU: no VRAM readings, no exit
 
 
-def test_purge_every_zero_means_never_but_a_run_still_works(engine, make_settings, tmp_path, monkeypatch):
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gr"))
-    settings = make_settings(outputs_dir=str(tmp_path / "out"), purge_every_minutes=0, purge_max_age_hours=1)
-    ops = Operations(engine, settings, lambda code: None)  # cache_dirs None: Gradio's cache
+def test_purge_every_zero_means_never_but_a_run_still_works(engine, make_settings, tmp_path):
+    settings = make_settings(
+        outputs_dir=str(tmp_path / "out"),
+        purge_every_minutes=0,
+        purge_max_age_hours=1,
+        gradio_cache_dir=str(tmp_path / "gr"),
+    )
+    ops = Operations(engine, settings, lambda code: None)  # cache_dirs None: zimage's own Gradio cache
     ops.start()
     try:
         assert not ops.purger.running and ops.status()["purge"] == "off"

@@ -164,7 +164,8 @@ def test_symlinked_outputs_dir_given_by_the_user_is_resolved_once(tmp_path):
 
 
 def test_files_being_written_are_spared(tmp_path):
-    tmp_file = make(tmp_path, f"{TMP_PREFIX}{out_name(1)}.123.456", 900 * HOUR)  # the store's temp name
+    # the store's temp name, written by this (live) process a moment ago
+    tmp_file = make(tmp_path, f"{TMP_PREFIX}{out_name(1)}.png.{os.getpid()}.456", 2)
     fresh = make(tmp_path, out_name(2), 1)  # just renamed into place
     future = make(tmp_path, out_name(3), -HOUR)  # clock skew: dated in the future
     old = [make(tmp_path, out_name(10 + i), 900 * HOUR) for i in range(3)]
@@ -172,6 +173,33 @@ def test_files_being_written_are_spared(tmp_path):
     assert tmp_file.exists() and fresh.exists() and future.exists()
     assert not any(p.exists() for p in old)
     assert report.files == 3
+
+
+def test_stale_temp_files_are_swept_whatever_the_limits(tmp_path):
+    """A kill -9 during a PNG write leaves the temp file: removed once its writer is gone or it is old."""
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)  # a process that has exited
+    dead = make(tmp_path, f"{TMP_PREFIX}{out_name(1)}.{dead_pid}.7", 30)
+    ancient = make(tmp_path, f"{TMP_PREFIX}{out_name(2)}.{os.getpid()}.7", 2 * HOUR)  # ours, but abandoned
+    dead_but_young = make(tmp_path, f"{TMP_PREFIX}{out_name(3)}.{dead_pid}.8", 1)  # may be another box's
+    writing = make(tmp_path, f"{TMP_PREFIX}{out_name(4)}.{os.getpid()}.9", 60)  # this process, still writing
+    not_ours = make(tmp_path, f"{TMP_PREFIX}holiday.jpg", 900 * HOUR)  # no pid, no thread: not our name
+    outside = make(tmp_path / "elsewhere", "precious.png", 900 * HOUR)
+    link = tmp_path / f"{TMP_PREFIX}{out_name(5)}.{dead_pid}.1"
+    link.symlink_to(outside)
+    os.utime(link, (NOW - 900 * HOUR,) * 2, follow_symlinks=False)
+    kept = make(tmp_path, out_name(6), 900 * HOUR)
+    report = Purger(tmp_path, policy=PurgePolicy()).run_once()  # no limits at all
+    assert not dead.exists() and not ancient.exists()
+    assert dead_but_young.exists() and writing.exists() and not_ours.exists() and kept.exists()
+    assert link.is_symlink() and outside.exists()
+    assert report.by_reason == {"stale temp": 2} and report.outcome == "ok"
+    # the start-up sweep, alone (the purge thread may be off)
+    again = make(tmp_path, f"{TMP_PREFIX}{out_name(7)}.{dead_pid}.3", 30)
+    assert Purger(tmp_path, policy=PurgePolicy()).sweep_temp_files() == 1 and not again.exists()
 
 
 def test_a_file_written_during_purges_is_never_removed(tmp_path):
@@ -279,6 +307,17 @@ def test_stop_is_prompt_and_zero_means_never(tmp_path):
     assert time.perf_counter() - t0 < 1.0 and not purger.running
     never = Purger(tmp_path, policy=PurgePolicy(max_age_s=HOUR), every_s=0)
     assert not never.start() and not never.running and never.status()["enabled"] is False
+
+
+def test_an_endless_interval_does_not_kill_the_thread(tmp_path):
+    """Event.wait(inf) raises OverflowError: the thread used to die after its first run, the app running on."""
+    purger = Purger(tmp_path, policy=PurgePolicy(max_age_s=HOUR), every_s=float("inf"))
+    assert purger.start()
+    wait_until(lambda: purger.next_run is not None, 10, "the first run")  # done; now it waits
+    purger._thread.join(timeout=0.5)
+    assert purger.running
+    purger.stop()
+    assert not purger.running
 
 
 @pytest.mark.parametrize(

@@ -70,7 +70,7 @@ def test_gpus_and_a_number_pick_the_gpus():
         ({"gpus": "0", "replicas": "2"}, "selects only 1 GPU"),
         ({"gpus": "0,1", "device": "cuda:0"}, "set only one"),
         ({"replicas": "2", "memory_mode": "multi-gpu"}, "use one or the other"),
-        ({"load_aware_queue": "-1"}, "'load_aware_queue' must be 0"),
+        ({"load_aware_queue": "-1"}, "'load_aware_queue' must be at least 0"),
         ({"load_aware_min_steps": "0"}, "'load_aware_min_steps' must be within"),
     ],
 )
@@ -240,3 +240,22 @@ def test_load_aware_steps_are_off_by_default(engine):
     finally:
         engine.waiting_elsewhere = lambda: 0
     assert result.request.steps == 4 and result.steps_asked is None
+
+
+def test_profiler_panel_has_a_row_per_replica():
+    from zimage.web.panels import render_profiler
+
+    rows = [
+        {"name": "gpu0", "state": "busy", "step": (3, 8), "vram": {"allocated_bytes": 21 << 30}, "last_run": None},
+        {
+            "name": "gpu1",
+            "state": "restarting",
+            "restarts": 1,
+            "error": "the worker process ended while running a job",
+            "last_run": {"seconds": 0.91, "outcome": "error"},
+        },
+    ]
+    html = render_profiler({"replicas": rows})
+    assert "Replicas · 2" in html and "busy 3/8 · 21.00 GiB · no run yet" in html
+    assert "restarting · - · 910 ms error · 1 restart(s)" in html
+    assert "Replicas ·" not in render_profiler({"replicas": rows[:1]})  # one replica: the other cards say it

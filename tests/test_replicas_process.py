@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -22,7 +21,16 @@ LONG = dict(width=256, height=256, steps=50, count=2)  # several seconds on the 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_dir):
-    app = App(tmp_path_factory.mktemp("replicas"), tiny_dir, "--replicas", "2", "--queue-size", "16")
+    app = App(
+        tmp_path_factory.mktemp("replicas"),
+        tiny_dir,
+        "--replicas",
+        "2",
+        "--queue-size",
+        "16",
+        "--max-jobs-per-user",
+        "3",
+    )
     app.wait_ready(300)
     yield app
     app.stop()
@@ -71,21 +79,26 @@ def test_pixels_from_a_replica_are_the_in_process_ones(server, engine):
 
 
 def test_a_killed_replica_restarts_alone_and_no_accepted_job_is_lost(server):
+    """Also: one person's cap on jobs queued or running counts across the replicas."""
+    import httpx
     from gradio_client.exceptions import AppError
 
     _wait(lambda: _m(server, "zimage_running_jobs") == 0, 120, "idle replicas")
     victim = submit(_client(server), **LONG, seed=7)
     _wait(lambda: _state(server, "cpu0", "busy"), 60, "cpu0 running the long job")  # the first free one
+    other = submit(_client(server), width=256, height=256, steps=50, seed=8)
+    _wait(lambda: _state(server, "cpu1", "busy"), 60, "cpu1 running the second job")
+    queued = submit(_client(server), width=64, height=64, steps=2, seed=9)  # waits for a free replica
+    with pytest.raises(httpx.HTTPStatusError, match="429"):  # a fourth: over this address's cap of 3
+        generate(_client(server), width=64, height=64, steps=2, seed=10)
     pid = int(_m(server, "zimage_replica_pid", {"replica": "cpu0"}))
     assert pid != server.proc.pid
-    with ThreadPoolExecutor(4) as pool:
-        others = [pool.submit(generate, _client(server), width=64, height=64, steps=2, seed=s) for s in range(4)]
-        os.kill(pid, signal.SIGKILL)
-        with pytest.raises(AppError, match="GPU worker cpu0 stopped while making your picture") as info:
-            victim.result(timeout=120)
-        assert "Traceback" not in str(info.value)
-        served = [f.result(timeout=300) for f in others]  # every other accepted job is served
-    assert [d["seed"] for _, d in served] == [0, 1, 2, 3]
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(AppError, match="GPU worker cpu0 stopped while making your picture") as info:
+        victim.result(timeout=120)
+    assert "Traceback" not in str(info.value)
+    served = [job.result(timeout=300)[1]["seed"] for job in (other, queued)]  # every accepted job is served
+    assert served == [8, 9]
     assert server.proc.poll() is None  # the server itself never went down
     _wait(lambda: _state(server, "cpu0", "ready"), 180, "cpu0 back after its restart")
     assert _m(server, "zimage_replica_restarts", {"replica": "cpu0"}) == 1

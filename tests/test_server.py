@@ -341,23 +341,53 @@ def test_concurrent_requests_never_share_the_pipeline(server):
 
 
 def test_cancel_stops_only_your_own_job(server):
+    """Cancel (the page's button and the API's /cancel) stops this client's running job within a
+    step and takes its waiting jobs out of the queue, and says which; other clients' jobs go on."""
     from gradio_client.exceptions import AppError
     from gradio_client.utils import Status
 
-    mine, theirs = new_client(server), new_client(server)
+    mine, theirs, other = new_client(server), new_client(server), new_client(server)
     my_job = submit(mine, seed=5, **HUGE)
     wait_running(server.url)
     their_job = submit(theirs, width=64, height=64, steps=2, seed=6)
     wait_until(lambda: their_job.status().code == Status.IN_QUEUE, 30, "theirs to wait behind mine")
-    assert theirs.predict(api_name="/cancel") == "Nothing of yours is running."
+    assert other.predict(api_name="/cancel") == "Nothing of yours is running or waiting."
+    assert theirs.predict(api_name="/cancel") == "Removed 1 waiting run(s) from the queue."
+    with pytest.raises(AppError, match="Cancelled before it started: removed from the queue"):
+        their_job.result(timeout=60)
+    other_job = submit(other, width=64, height=64, steps=2, seed=7)
+    wait_until(lambda: other_job.status().code == Status.IN_QUEUE, 30, "the other job to wait behind mine")
     t0 = time.monotonic()
-    assert mine.predict(api_name="/cancel").startswith("Cancelled")
+    assert mine.predict(api_name="/cancel") == "Cancelling: the run stops after the current step."
     with pytest.raises(AppError, match="Cancelled"):
         my_job.result(timeout=60)
     assert time.monotonic() - t0 < 30
-    gallery, details = their_job.result(timeout=60)
-    assert details["seeds"] == [6] and len(gallery) == 1
+    gallery, details = other_job.result(timeout=60)
+    assert details["seeds"] == [7] and len(gallery) == 1
     assert metric(server.url, "zimage_requests_total", {"outcome": "cancelled"}) >= 1
+
+
+def test_the_prompt_alone_with_a_login(server, client):
+    """README's API examples with logins on: gradio_client with auth=, and REST after POST /login."""
+    import json
+
+    import httpx
+
+    gallery, details = client.predict("a cat", api_name="/generate")
+    assert details["width"] == 256 and details["steps"] == 8 and len(gallery) == 1
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        assert http.post("/gradio_api/call/generate", json={"data": ["a cat"]}).status_code == 401
+        login = http.post("/login", data={"username": USER[0], "password": USER[1]})
+        assert login.status_code == 200, login.text
+        event = http.post("/gradio_api/call/generate", json={"data": ["a cat"]}).json()["event_id"]
+        with http.stream("GET", f"/gradio_api/call/generate/{event}") as stream:
+            lines = list(stream.iter_lines())
+        # the page's "Log out" link is Gradio's /logout: afterwards the session is gone
+        assert http.get("/logout").status_code in (302, 303, 307)
+        assert http.post("/gradio_api/call/generate", json={"data": ["a cat"]}).status_code == 401
+    assert "event: complete" in lines, lines[-4:]
+    _, details = json.loads(lines[lines.index("event: complete") + 1][len("data: ") :])
+    assert details["width"] == 256 and details["seed"] >= 0
 
 
 def test_client_job_cancel_stops_the_pipeline(server):

@@ -64,15 +64,18 @@ def test_shipped_config_parses_and_fits_the_app(shipped):
     # restarts after the watchdog's exit, after a crash and after a signal
     assert p.autorestart is RestartUnconditionally and p.exitcodes == [0]
     assert WATCHDOG_EXIT_CODE not in p.exitcodes
-    assert p.startsecs >= 30 and p.startretries >= 1  # loading the real model is a start, not a run
+    # Quick crashes never lead to FATAL: with a back-off of 1 s, 2 s, 3 s... it would take
+    # startretries of them in a row, n(n+1)/2 seconds (over 1000 years); later crashes restart at once.
+    assert p.startsecs <= 15 and p.startretries * (p.startretries + 1) / 2 > 1000 * 365 * 86400
     assert p.stopsignal in (signal.SIGTERM, signal.SIGINT) and p.stopasgroup and p.killasgroup
     assert p.redirect_stderr and p.stdout_logfile == f"{here}/../logs/zimage.log"
     assert p.stdout_logfile_maxbytes >= 1 << 20 and p.stdout_logfile_backups >= 1
     env = p.environment
-    assert env["PYTHONUNBUFFERED"] == "1" and env["HF_HOME"] and env["GRADIO_TEMP_DIR"].startswith(here)
+    assert env["PYTHONUNBUFFERED"] == "1" and env["HF_HOME"] and "GRADIO_TEMP_DIR" not in env
     # every ZIMAGE_ variable is a real setting with a valid value
     settings = from_sources(environ={k: v for k, v in env.items() if k.startswith("ZIMAGE_")})
     assert settings.outputs_dir == f"{here}/../outputs" and settings.port == 7860
+    assert settings.gradio_cache_dir == f"{here}/../.cache/gradio" and settings.min_free_mib > 0
     assert settings.purge_every_minutes > 0 and settings.log_level == "INFO"
     # SIGKILL only after the grace given to the running job, a cancelled step and the flush
     assert p.stopwaitsecs >= settings.shutdown_grace_s + 45
@@ -118,6 +121,49 @@ def test_watchdog_exit_code_makes_supervisor_restart(tmp_path_factory):
         second = sup.wait_running(30, other_than=first)
         assert second != first
         assert "FATAL" not in sup.log() and "gave up" not in sup.log()
+    finally:
+        sup.close()
+
+
+@pytest.mark.slow
+def test_quick_crashes_never_make_supervisor_give_up(tiny_dir, tmp_path_factory):
+    """The real app, shipped startsecs/startretries: five crashes in a row within a second or two of
+    each start (a bad zimage.yaml: exit 2), then the file is fixed and Supervisor brings it back,
+    RUNNING and /ready, without anyone restarting it."""
+    root = tmp_path_factory.mktemp("crashloop")
+    port = free_port()
+    config = root / "zimage.yaml"
+    config.write_text("max_count: 0\n")  # refused at start: one line, exit 2
+    env = app_env(root, log_level="INFO")
+    sup = Supervisord(
+        root,
+        command=" ".join([sys.executable, *app_args(port, tiny_dir, root / "outputs")]),
+        directory=str(root),  # the app reads zimage.yaml from here
+        environment=",".join(f'{k}="{v}"' for k, v in env.items()),
+    )
+    assert int(sup.program["startsecs"]) <= 15  # the shipped values, not the test's
+    base = f"http://127.0.0.1:{port}"
+    crash = "exited: zimage (exit status 2; not expected)"
+    try:
+        sup.start()
+
+        def five_crashes() -> bool:
+            log = sup.log()
+            assert "gave up" not in log, f"Supervisor gave up after {log.count(crash)} quick crash(es)"
+            return log.count(crash) >= 5
+
+        wait_until(five_crashes, 120, "five quick crashes", interval=0.1)
+        config.write_text("max_count: 4\n")  # the operator fixes the file; nobody touches Supervisor
+        crashes = sup.log().count(crash)
+        pid = sup.wait_running(120)
+        wait_until(lambda: is_ready(base), START_TIMEOUT, "/ready after the crash loop")
+        log = sup.log()
+        assert "gave up" not in log and "FATAL" not in log
+        assert log.count("entered RUNNING state") == 1 and sup.state() == ("RUNNING", pid)
+        assert 5 <= crashes <= 6 and log.count(crash) == crashes  # a sixth may start before the fix
+        app_log = sup.app_log()
+        assert app_log.count("error: Setting 'max_count' must be within 1..256 (got 0).") == crashes
+        assert "Traceback" not in app_log
     finally:
         sup.close()
 

@@ -46,13 +46,13 @@ def test_profiler_shows_what_the_last_run_actually_took(engine):
     result = engine.generate(engine.default_request("a teapot", width=64, height=64, steps=3, seed=5))
     result.wait_saved(30)
     status = engine.status()
-    html = panels.render_profiler(status, {"purge_last_run": "never", "purge": {"files": 0}}, waiting=2)
+    html = panels.render_profiler(status, {"purge_last_run": "never", "purge": "off"}, {"waiting": 2, "users": {}})
     for text in ("Last run", "Text encoder", "Denoise", "3 steps", "it/s", "VAE decode", "PNG save"):
         assert text in html, text
     assert "mode cpu" in html and "no GPU in use" in html and "Process memory" in html
     assert "Model load" in html and "read weights" in html
     assert "seed 5" in html and "64x64" in html
-    assert "purge last run" in html and "Operations" in html
+    assert "Last clean-up" in html and "Operations" in html
     assert ">2<" in html  # waiting: two in Gradio's queue, none at the engine lock
     assert "Ready" in panels.render_banner(status) and "mode cpu" in panels.render_banner(status)
 
@@ -91,12 +91,17 @@ def test_the_page_wires_one_gpu_queue_and_keeps_the_panel_off_it(engine, make_se
     gen = [f for f in fns if f.api_name == "generate"]
     assert len(gen) == 1
     gen = gen[0]
-    assert gen.concurrency_id == page.GPU_QUEUE and gen.concurrency_limit == 1 and gen.queue
-    assert not gen.preprocess  # raw values: the engine's messages reach the client
-    others_on_gpu = [f for f in fns if f is not gen and f.concurrency_id == page.GPU_QUEUE]
-    assert others_on_gpu == []
-    # everything else answers at once, off the queue (the live panel above all)
-    assert all(not f.queue for f in fns if f is not gen)
+    on_gpu = [f for f in fns if f.concurrency_id == page.GPU_QUEUE]
+    assert len(on_gpu) == 2 and gen in on_gpu  # the API's generate and the page's Generate: one queue
+    for f in on_gpu:
+        assert f.concurrency_limit == 1 and f.queue
+        assert not f.preprocess  # raw values: the engine's messages reach the client
+    # after a reload the page follows its run off the GPU group, without a limit; everything else
+    # answers at once, off the queue (the live panel above all, and the reload itself)
+    follow = [f for f in fns if f.name == "follow"]
+    assert len(follow) == 1 and follow[0].concurrency_limit is None and follow[0].queue
+    closed = [f for f in fns if f.name == "page_closed"]  # demo.unload: Gradio calls it directly
+    assert all(not f.queue for f in fns if f not in on_gpu + follow + closed)
     assert demo._queue.max_size == 5 and demo.api_open is False
 
 
@@ -107,8 +112,9 @@ def test_png_drop_and_parameters(engine, make_settings, tmp_path):
     studio = handlers.Studio(engine, Operations(engine, settings, lambda code: None), settings)
     result = engine.generate(engine.default_request("a fox", width=64, height=96, steps=2, seed=11))
     png = result.wait_saved(30)[0]
-    params, md, prompt, negative, w, h, steps, guidance, seed, count, aspect, tier = studio.load_png(png)
+    params, md, shown, prompt, negative, w, h, steps, guidance, seed, count, shift, aspect, tier = studio.load_png(png)
     assert params["seed"] == 11 and "a fox" in md
+    assert shown["value"] == png and shown["visible"]  # the image itself is shown
     assert (prompt, w, h, steps, seed, count, aspect) == ("a fox", 64, 96, 2, 11, 1, sizes.CUSTOM)
 
     plain = tmp_path / "plain.png"
@@ -116,7 +122,7 @@ def test_png_drop_and_parameters(engine, make_settings, tmp_path):
 
     Image.new("RGB", (8, 8)).save(plain)
     out = studio.load_png(str(plain))
-    assert out[0] == {} and "carries no zimage parameters" in out[1]
+    assert out[0] == {} and "carries no parameters" in out[1]
     text = tmp_path / "notes.png"
     text.write_text("not an image")
     out = studio.load_png(str(text))
@@ -151,7 +157,7 @@ def test_selecting_reads_only_this_studios_images(engine, make_settings, tmp_pat
     result = engine.generate(engine.default_request("an owl", width=64, height=64, steps=2, seed=21))
     ours = result.wait_saved(30)[0]
     params, md = studio.select_image(gr.SelectData(None, {"index": 0, "value": {"image": {"path": ours}}}))
-    assert params["seed"] == 21 and "an owl" in md
+    assert params["seed"] == 21 and "an owl" in md and params["_path"] == ours
 
     elsewhere = tmp_path / "secret.png"  # a PNG outside the outputs folder and Gradio's cache
     info = PngInfo()
@@ -159,3 +165,16 @@ def test_selecting_reads_only_this_studios_images(engine, make_settings, tmp_pat
     Image.new("RGB", (8, 8)).save(elsewhere, pnginfo=info)
     params, md = studio.select_image(gr.SelectData(None, {"index": 0, "value": {"image": {"path": str(elsewhere)}}}))
     assert params == {} and "secret" not in md
+
+
+def test_a_logout_link_only_with_logins(engine, make_settings):
+    from zimage.ops.operations import Operations
+
+    def header(**kw):
+        settings = make_settings(**kw)
+        demo = page.build_ui(engine, Operations(engine, settings, lambda code: None), settings)
+        return next(b.value for b in demo.blocks.values() if getattr(b, "elem_id", None) == "zi-brand")
+
+    assert 'href="logout"' in header(auth=("alice:pw1",))
+    assert 'href="logout"' not in header()
+    assert 'id="zi-lang"' in header() and 'id="zi-theme"' in header()

@@ -23,6 +23,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(prog: str = "python -m zimage") -> argparse.ArgumentParser:
     parser = _Parser(
         prog=prog,
+        allow_abbrev=False,  # settings share prefixes with generate's flags (--lora, --lora-dir)
         description="zimage: a self-hosted studio for Z-Image-Turbo. Every setting can also come from "
         "the environment (ZIMAGE_<NAME>) or a YAML file (zimage.yaml).",
     )
@@ -43,6 +44,23 @@ def build_parser(prog: str = "python -m zimage") -> argparse.ArgumentParser:
     p_gen.add_argument("--guidance", default="0", help="Guidance scale, 0-10 (default 0: no guidance).")
     p_gen.add_argument("--count", default="1", help="How many images (seeds s, s+1, ...).")
     p_gen.add_argument("--json", action="store_true", help="Print the result as JSON.")
+    tools = p_gen.add_argument_group("image to image, inpainting and LoRAs")
+    tools.add_argument("--image", default=None, help="Source picture: image to image (the size follows it).")
+    tools.add_argument(
+        "--strength", default=None, help="How much to change the source, above 0 up to 1 (default 0.6; 1 with --mask)."
+    )
+    tools.add_argument("--mask", default=None, help="Mask picture for inpainting: white = repaint, black = keep.")
+    tools.add_argument("--feather", default="0", help="Blur of the mask's edge in pixels (default 0).")
+    tools.add_argument(
+        "--outpaint", default=None, help="Grow the canvas: pixels left,top,right,bottom (e.g. 0,0,256,0)."
+    )
+    tools.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:WEIGHT]",
+        help="A LoRA (.safetensors path, or a name in lora_dir), weight 1 unless given; repeatable.",
+    )
     add_arguments(p_gen)
 
     p_warm = sub.add_parser(
@@ -75,8 +93,12 @@ def main(argv: list[str] | None = None) -> int:
 
             return bench_main(ns.bench_args)
         settings = _settings(ns)
+        if ns.command == "serve":
+            from zimage.ops.operations import prepare_gradio_cache
+
+            prepare_gradio_cache(settings.gradio_cache_dir)  # before Gradio is imported: it reads it then
     except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     logging.basicConfig(
         level=getattr(logging, settings.log_level),
@@ -102,11 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_BAD_INPUT
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
 def _generate(ns: argparse.Namespace, settings: Settings) -> int:
     from zimage.errors import InvalidRequest, ModelNotFound, ZImageError
     from zimage.service.engine import Engine
     from zimage.service.request import GenerationRequest, validate
-    from zimage.service.store import write_png
+    from zimage.service.store import write_png, write_problem
 
     # One run from the command line: a compile would cost more than it saves, unless asked for.
     if settings.compile == "auto":
@@ -114,19 +140,32 @@ def _generate(ns: argparse.Namespace, settings: Settings) -> int:
     # Validate what the user typed before paying for the model.
     engine = Engine(settings.replace(warmup=False))
     w, h = engine.default_size
-    raw = GenerationRequest(
-        prompt=ns.prompt,
-        negative_prompt=ns.negative_prompt,
-        width=ns.width if ns.width is not None else w,
-        height=ns.height if ns.height is not None else h,
-        steps=ns.steps if ns.steps is not None else settings.default_steps,
-        guidance=ns.guidance,
-        seed=ns.seed,
-        count=ns.count,
-        user="cli",
-    )
+    if ns.image is None and (ns.strength is not None or ns.mask is not None or ns.outpaint):
+        print("error: --strength, --mask and --outpaint need a source picture: add --image IN.png.", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if ns.image is not None:  # the size follows the source unless given
+        w = h = 0
     try:
+        loras = tuple(_lora_arg(engine, text) for text in ns.lora)
+        raw = GenerationRequest(
+            prompt=ns.prompt,
+            negative_prompt=ns.negative_prompt,
+            width=ns.width if ns.width is not None else w,
+            height=ns.height if ns.height is not None else h,
+            steps=ns.steps if ns.steps is not None else settings.default_steps,
+            guidance=ns.guidance,
+            seed=ns.seed,
+            count=ns.count,
+            user="cli",
+            image=ns.image,
+            mask=ns.mask,
+            strength=ns.strength,
+            feather=ns.feather,
+            outpaint=ns.outpaint or (0, 0, 0, 0),
+            loras=loras,
+        )
         request = validate(raw, engine.limits)
+        engine.loras.check(request.loras)  # a bad LoRA file is refused before the model loads
     except InvalidRequest as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -158,7 +197,11 @@ def _generate(ns: argparse.Namespace, settings: Settings) -> int:
     for i, (image, seed) in enumerate(zip(result.images, result.seeds)):
         path = output if len(result.images) == 1 else output.with_name(f"{output.stem}-{i + 1}{output.suffix}")
         meta = result.metadata(seed) if settings.png_metadata else None
-        write_png(image, path, meta, settings.png_compress_level)
+        try:
+            write_png(image, path, meta, settings.png_compress_level)
+        except OSError as exc:
+            print(f"error: Could not write {path}: {write_problem(exc)}.", file=sys.stderr)
+            return EXIT_FAILED
         paths.append(path)
     result.timings.png = time.perf_counter() - t0
     result.paths = [str(p) for p in paths]
@@ -177,6 +220,8 @@ def _generate(ns: argparse.Namespace, settings: Settings) -> int:
             )
         )
     else:
+        for note in result.notes:
+            print(f"note: {note}")
         for path, seed in zip(paths, result.seeds):
             print(f"wrote {path} (seed {seed}, {request.width}x{request.height})")
         print(f"model {result.model} on {result.device}, memory mode {result.memory_mode}")
@@ -227,6 +272,23 @@ def _warmup(settings: Settings) -> int:
     engine.shutdown(5)
     print(f"wrote {manifest_path(settings.compile_cache_dir)} (files the next start reads ahead)")
     return 0
+
+
+def _lora_arg(engine, text: str) -> tuple[str, float]:
+    """FILE[:WEIGHT] -> (name, weight); a path outside lora_dir is added to the library by its name."""
+    from zimage.errors import InvalidRequest
+
+    name, weight = text, 1.0
+    head, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            name, weight = head, float(tail)
+        except ValueError:
+            raise InvalidRequest("--lora", text, "FILE or FILE:WEIGHT with a number as the weight") from None
+    in_folder = Path(name).name == name and (engine.loras.folder / name).is_file()
+    if not in_folder and ("/" in name or "\\" in name or Path(name).is_file()):
+        name = engine.loras.add_file(name)
+    return name, weight
 
 
 def _doctor(settings: Settings) -> int:

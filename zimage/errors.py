@@ -38,6 +38,19 @@ class InvalidRequest(ZImageError):
         super().__init__(message)
 
 
+class BadLora(InvalidRequest):
+    """A LoRA that cannot be used: the message names the file and why (nothing was changed)."""
+
+    def __init__(self, name: str, why: str | None = None):
+        # one argument: the whole message (how a replica's error is rebuilt in the parent process)
+        message = name if why is None else f"LoRA {name!r} cannot be used: {why}"
+        ZImageError.__init__(self, message)
+        self.field, self.value, self.allowed = "loras", name, why or message
+
+    def __reduce__(self):
+        return (BadLora, (str(self),))
+
+
 class Cancelled(ZImageError):
     """The job was cancelled by its owner."""
 
@@ -48,6 +61,10 @@ class NotReady(ZImageError):
 
 class ShuttingDown(ZImageError):
     """The process is stopping and takes no new jobs."""
+
+
+class NoSpace(ZImageError):
+    """The outputs folder's disk is below the free space zimage keeps (min_free_mib): no new jobs."""
 
 
 class OutOfMemory(ZImageError):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin
@@ -29,8 +31,17 @@ def _cache_home() -> Path:
     return Path(base) / "zimage"
 
 
-def opt(default: Any = None, help: str = "", choices: tuple | None = None, group: str = "general", **kw: Any):
-    meta = {"help": help, "choices": choices, "group": group}
+def opt(
+    default: Any = None,
+    help: str = "",
+    choices: tuple | None = None,
+    group: str = "general",
+    bounds: tuple[float | None, float | None] = (0, None),
+    **kw: Any,
+):
+    """A setting. bounds: the least and most a number may be (None: no bound); every number is
+    also refused when it is NaN or infinite."""
+    meta = {"help": help, "choices": choices, "group": group, "bounds": bounds}
     if callable(default) and not isinstance(default, (str, int, float, bool)):
         return field(default_factory=default, metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -69,7 +80,7 @@ class Settings:
         group="speed",
     )
     parallel_loading: bool = opt(True, "Read shards and components on several threads at once.", group="speed")
-    load_threads: int = opt(8, "Reader threads for the fast loader.", group="speed")
+    load_threads: int = opt(8, "Reader threads for the fast loader.", group="speed", bounds=(1, 256))
     mmap: bool = opt(
         False,
         "Read weights through a memory map (safetensors' own reader) instead of chunked reads "
@@ -86,6 +97,7 @@ class Settings:
         16,
         "Size of each pinned staging buffer of the fast loader, MiB (16 read fastest on an H100 box).",
         group="speed",
+        bounds=(1, 4096),
     )
     compile: str = opt(
         "auto",
@@ -160,6 +172,7 @@ class Settings:
         0.0,
         "torch.cuda.set_per_process_memory_fraction (0 = no cap). Mimics a smaller card.",
         group="memory",
+        bounds=(0, 1),
     )
     gpu_max_memory: str = opt(
         "",
@@ -204,14 +217,35 @@ class Settings:
     ray_max_replicas: int = opt(16, "With --ray and --ray-replicas auto: the most replicas Serve may run.", group="ray")
 
     # --- request limits and defaults --------------------------------------------------
-    min_size: int = opt(256, "Smallest width/height in pixels (multiple of 16).", group="limits")
-    max_size: int = opt(2048, "Largest width/height in pixels (multiple of 16).", group="limits")
-    max_prompt_chars: int = opt(2000, "Longest prompt accepted, in characters.", group="limits")
-    max_steps: int = opt(50, "Most denoising steps a request may ask for.", group="limits")
-    max_count: int = opt(8, "Most images one request may ask for.", group="limits")
-    default_steps: int = opt(8, "Denoising steps when a request does not say.", group="limits")
-    default_width: int = opt(0, "Default width (0 = the model preset's).", group="limits")
-    default_height: int = opt(0, "Default height (0 = the model preset's).", group="limits")
+    min_size: int = opt(256, "Smallest width/height in pixels (multiple of 16).", group="limits", bounds=(16, 16384))
+    max_size: int = opt(2048, "Largest width/height in pixels (multiple of 16).", group="limits", bounds=(16, 16384))
+    max_prompt_chars: int = opt(2000, "Longest prompt accepted, in characters.", group="limits", bounds=(1, 1_000_000))
+    max_steps: int = opt(50, "Most denoising steps a request may ask for.", group="limits", bounds=(1, 1000))
+    max_count: int = opt(8, "Most images one request may ask for.", group="limits", bounds=(1, 256))
+    default_steps: int = opt(8, "Denoising steps when a request does not say.", group="limits", bounds=(1, 1000))
+    default_width: int = opt(0, "Default width (0 = the model preset's).", group="limits", bounds=(0, 16384))
+    default_height: int = opt(0, "Default height (0 = the model preset's).", group="limits", bounds=(0, 16384))
+
+    # --- image to image, inpainting and LoRAs -------------------------------------------
+    lora_dir: str = opt(
+        "loras", "Folder of LoRA files (.safetensors) the page, the API and the CLI pick from.", group="toolbox"
+    )
+    lora_mode: str = opt(
+        "auto",
+        "How LoRAs are switched between jobs: auto (hotswap when the transformer is compiled, else adapters); "
+        "hotswap (one LoRA slot of rank lora_max_rank, swapped in place: no recompile); adapters (each LoRA "
+        "loaded once as its own adapter, kept in a cache of lora_cache).",
+        choices=("auto", "hotswap", "adapters"),
+        group="toolbox",
+    )
+    lora_max_rank: int = opt(
+        64,
+        "Hotswap slot rank: the ranks of the LoRAs one request uses together must add up to at most this "
+        "(a larger slot costs memory and time on every image).",
+        group="toolbox",
+    )
+    max_loras: int = opt(4, "Most LoRAs one request may use together.", group="toolbox")
+    lora_cache: int = opt(8, "LoRAs kept read (and, in adapters mode, loaded) for the next job.", group="toolbox")
 
     # --- outputs ------------------------------------------------------------------------
     outputs_dir: str = opt("outputs", "Folder for generated PNG files.", group="outputs")
@@ -220,16 +254,40 @@ class Settings:
         "Embed the generation parameters in each PNG (turn off for privacy).",
         group="outputs",
     )
-    png_compress_level: int = opt(4, "zlib level for PNG files (0-9; lower is faster, larger).", group="outputs")
-    purge_every_minutes: float = opt(30.0, "How often the purge thread runs (0 = never).", group="outputs")
-    purge_max_age_hours: float = opt(24.0 * 7, "Delete outputs older than this (0 = no age limit).", group="outputs")
+    png_compress_level: int = opt(
+        4, "zlib level for PNG files (0-9; lower is faster, larger).", group="outputs", bounds=(0, 9)
+    )
+    min_free_mib: int = opt(
+        256,
+        "Refuse new jobs, with a message naming the folder and its free space, while the disk of the outputs "
+        "folder has less free space than this, MiB (0 = no check). /ready answers 503 meanwhile.",
+        group="outputs",
+        bounds=(0, 1 << 30),
+    )
+    gradio_cache_dir: str = opt(
+        lambda: str(_cache_home() / "gradio"),
+        "zimage's own folder for Gradio's cache (the images a page shows, uploads), set as GRADIO_TEMP_DIR "
+        "before Gradio starts; GRADIO_TEMP_DIR is read when this is not given. Never the shared "
+        "/tmp/gradio: the purge cleans this folder.",
+        group="outputs",
+    )
+    purge_every_minutes: float = opt(
+        30.0, "How often the purge thread runs (0 = never).", group="outputs", bounds=(0, 525_600)
+    )
+    purge_max_age_hours: float = opt(
+        24.0 * 7, "Delete outputs older than this (0 = no age limit).", group="outputs", bounds=(0, 876_000)
+    )
     purge_max_count: int = opt(5000, "Keep at most this many outputs (0 = no limit).", group="outputs")
-    purge_max_gib: float = opt(20.0, "Keep the outputs folder under this size in GiB (0 = no limit).", group="outputs")
+    purge_max_gib: float = opt(
+        20.0, "Keep the outputs folder under this size in GiB (0 = no limit).", group="outputs", bounds=(0, 1e6)
+    )
 
     # --- server -------------------------------------------------------------------------
     host: str = opt("0.0.0.0", "Address the web server listens on.", group="server")
-    port: int = opt(7860, "Port the web server listens on.", group="server")
-    queue_size: int = opt(16, "Most requests waiting for the GPU; more are refused at once.", group="server")
+    port: int = opt(7860, "Port the web server listens on.", group="server", bounds=(1, 65535))
+    queue_size: int = opt(
+        16, "Most requests waiting for the GPU; more are refused at once.", group="server", bounds=(1, 100_000)
+    )
     auth: tuple[str, ...] = opt(
         tuple,
         "user:password that may log in (repeatable; ZIMAGE_AUTH takes a comma-separated list).",
@@ -265,13 +323,17 @@ class Settings:
         60.0,
         "On SIGTERM/SIGINT: how long the running job may take before it is cancelled.",
         group="server",
+        bounds=(0, 86_400),
     )
     watchdog_reserved_gib: float = opt(
         0.0,
         "Exit (for Supervisor to restart) when reserved VRAM stays above this after a job (0 = off).",
         group="server",
+        bounds=(0, 100_000),
     )
-    watchdog_strikes: int = opt(3, "Consecutive jobs over the threshold before the watchdog acts.", group="server")
+    watchdog_strikes: int = opt(
+        3, "Consecutive jobs over the threshold before the watchdog acts.", group="server", bounds=(1, 10_000)
+    )
     log_level: str = opt(
         "INFO",
         "Log level.",
@@ -342,30 +404,81 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         raise SettingsError(f"Setting '{name}' from {source} must be {kind} (got {value!r}).") from None
 
 
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+# Settings naming a folder or a file: never empty (an empty path would mean the working folder).
+PATH_SETTINGS = ("tiny_dir", "compile_cache_dir", "outputs_dir", "gradio_cache_dir")
+
+
+def _number_problem(value: float, bounds: tuple[float | None, float | None]) -> str | None:
+    """What is wrong with a number, or None: NaN and infinities never work; bounds are inclusive."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "a finite number"
+    lo, hi = bounds
+    if lo is not None and hi is not None and not lo <= value <= hi:
+        return f"within {_plain(lo)}..{_plain(hi)}"
+    if lo is not None and value < lo:
+        return f"at least {_plain(lo)}"
+    if hi is not None and value > hi:
+        return f"at most {_plain(hi)}"
+    return None
+
+
+def _plain(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
 def _check(s: Settings) -> Settings:
+    """Every setting, checked once at start: the first problem raises one SettingsError line."""
     for f in fields(Settings):
-        choices = f.metadata.get("choices")
         value = getattr(s, f.name)
+        choices = f.metadata.get("choices")
         if choices and value not in choices:
             raise SettingsError(f"Setting '{f.name}' must be one of {', '.join(choices)} (got {value!r}).")
+        if FIELD_TYPES[f.name] in (int, float) and value is not None:
+            problem = _number_problem(value, f.metadata.get("bounds", (0, None)))
+            if problem:
+                raise SettingsError(f"Setting '{f.name}' must be {problem} (got {value!r}).")
+    for name in ("model", "host", *PATH_SETTINGS):
+        if not str(getattr(s, name) or "").strip():
+            raise SettingsError(f"Setting '{name}' must not be empty.")
+    if not DEVICE.fullmatch(s.device):
+        raise SettingsError(f"Setting 'device' must be auto, cpu, cuda or cuda:N (got {s.device!r}).")
     for name in ("min_size", "max_size", "default_width", "default_height"):
         value = getattr(s, name)
         if value % 16:
             raise SettingsError(f"Setting '{name}' must be a multiple of 16 (got {value}).")
-    if not 16 <= s.min_size <= s.max_size:
-        raise SettingsError(f"Setting 'min_size' must be at least 16 and at most max_size (got {s.min_size}).")
-    if not 1 <= s.default_steps <= s.max_steps:
-        raise SettingsError(f"Setting 'default_steps' must be within 1..max_steps (got {s.default_steps}).")
-    if not 0 <= s.png_compress_level <= 9:
-        raise SettingsError(f"Setting 'png_compress_level' must be 0-9 (got {s.png_compress_level}).")
-    if not 0.0 <= s.memory_fraction <= 1.0:
-        raise SettingsError(f"Setting 'memory_fraction' must be within 0..1 (got {s.memory_fraction}).")
-    if s.queue_size < 1:
-        raise SettingsError(f"Setting 'queue_size' must be at least 1 (got {s.queue_size}).")
-    if not 1 <= s.port <= 65535:
-        raise SettingsError(f"Setting 'port' must be within 1..65535 (got {s.port}).")
-    if s.load_threads < 1 or s.staging_mb < 1:
-        raise SettingsError("Settings 'load_threads' and 'staging_mb' must be at least 1.")
+    if s.min_size > s.max_size:
+        raise SettingsError(f"Setting 'min_size' must be at most max_size ({s.max_size}) (got {s.min_size}).")
+    for name in ("default_width", "default_height"):
+        value = getattr(s, name)
+        if value and not s.min_size <= value <= s.max_size:
+            raise SettingsError(
+                f"Setting '{name}' must be 0 (the preset's) or within min_size..max_size "
+                f"({s.min_size}..{s.max_size}) (got {value})."
+            )
+    if s.default_steps > s.max_steps:
+        raise SettingsError(
+            f"Setting 'default_steps' must be within 1..max_steps ({s.max_steps}) (got {s.default_steps})."
+        )
+    if s.root_path and not s.root_path.startswith("/"):
+        raise SettingsError(f"Setting 'root_path' must be empty or start with '/' (got {s.root_path!r}).")
+    for part in (p.strip() for p in s.warmup_sizes.split(",")):
+        if not part:
+            continue
+        w, sep, h = part.lower().replace("×", "x").partition("x")
+        if not (sep and w.isdigit() and h.isdigit()):
+            raise SettingsError(f"Setting 'warmup_sizes' must list sizes such as 1024x768 (got {part!r}).")
+        for side in (int(w), int(h)):
+            if side % 16 or not s.min_size <= side <= s.max_size:
+                raise SettingsError(
+                    f"Setting 'warmup_sizes': {part} must have sides that are multiples of 16 within "
+                    f"min_size..max_size ({s.min_size}..{s.max_size})."
+                )
+    if s.lora_max_rank < 1 or s.lora_cache < 1 or s.max_loras < 0:
+        raise SettingsError(
+            "Settings 'lora_max_rank' and 'lora_cache' must be at least 1, 'max_loras' at least 0 "
+            f"(got {s.lora_max_rank}, {s.lora_cache}, {s.max_loras})."
+        )
     if s.gpu_max_memory:
         from zimage.model.memory import parse_max_memory
 
@@ -411,9 +524,8 @@ def _check_gpus(s: Settings) -> None:
             f"Setting 'replicas' is {s.replicas} but memory_mode multi-gpu splits one pipeline over the GPUs; "
             "use one or the other."
         )
-    if s.load_aware_queue < 0:
-        raise SettingsError(f"Setting 'load_aware_queue' must be 0 (off) or more (got {s.load_aware_queue}).")
-    if not 1 <= s.load_aware_min_steps <= s.max_steps:
+    # only in use when load_aware_queue is on: its default (4) must not refuse max_steps 1 otherwise
+    if s.load_aware_min_steps < 1 or (s.load_aware_queue and s.load_aware_min_steps > s.max_steps):
         raise SettingsError(
             f"Setting 'load_aware_min_steps' must be within 1..max_steps (got {s.load_aware_min_steps})."
         )
@@ -481,8 +593,18 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise SettingsError(f"Cannot read settings file {path}: {exc}") from None
+    except OSError as exc:
+        raise SettingsError(f"Cannot read settings file {path}: {exc.strerror or exc}.") from None
+    except UnicodeDecodeError as exc:
+        raise SettingsError(
+            f"Settings file {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+            "save it as UTF-8."
+        ) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise SettingsError(f"Settings file {path} is not valid YAML{where}: {problem}.") from None
     if not isinstance(data, dict):
         raise SettingsError(f"Settings file {path} must be a mapping of setting: value.")
     out = {}
@@ -545,6 +667,9 @@ def from_sources(
     elif Path("zimage.yaml").is_file():
         values.update(_read_yaml(Path("zimage.yaml")))
         values["config"] = "zimage.yaml"
+    if "gradio_cache_dir" not in env_values and environ.get("GRADIO_TEMP_DIR"):
+        # Gradio's own variable names zimage's cache folder too, below ZIMAGE_GRADIO_CACHE_DIR
+        env_values["gradio_cache_dir"] = environ["GRADIO_TEMP_DIR"]
     values.update(env_values)
     for name, value in cli.items():
         values[name] = _coerce(name, value, "--" + name.replace("_", "-"))

@@ -45,6 +45,8 @@ ROWS: dict[str, dict[str, Any]] = {
         "settings": {"memory_mode": "balanced"},
         "cap_gib": 16,
     },
+    # image to image vs text to image, LoRA switching and its recompiles (zimage/bench/toolbox.py)
+    "zimage-toolbox": {"kind": "toolbox", "page": "warm", "cache": "keep"},
     "zimage-lowvram-8g": {
         "kind": "zimage",
         "page": "warm",
@@ -251,7 +253,9 @@ def table(results: dict[str, Any]) -> str:
             )
             + " |"
         )
-    return "\n".join(lines)
+    from zimage.bench.toolbox import summary_lines
+
+    return "\n".join(lines + summary_lines(results))
 
 
 # ------------------------------------------------------------------------------------------
@@ -277,7 +281,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--deadline", type=float, default=0, help="Epoch seconds: start no row after it (0: none).")
     r.add_argument("--min-left", type=float, default=60, help="Skip a row with less than this left.")
     w = sub.add_parser("row", parents=[common], help="One row in this process (used by run).")
-    w.add_argument("--kind", choices=("plain", "zimage"), required=True)
+    w.add_argument("--kind", choices=("plain", "zimage", "toolbox"), required=True)
     w.add_argument("--variant", default="")
     w.add_argument("--settings", default="")
     w.add_argument("--cap-gib", type=float, default=0)
@@ -286,6 +290,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("explore", parents=[common], help="Stage options in one process.")
     sub.add_parser("imports", parents=[common], help="The app's import time (-X importtime log to --workdir).")
     sub.add_parser("table", parents=[common], help="Print the table of a results JSON (--model is the file).")
+    sub.add_parser("preview", parents=[common], help="What the live preview adds to a step (zimage/bench/preview.py).")
     return p
 
 
@@ -310,9 +315,14 @@ def main(argv: list[str] | None = None) -> int:
         print(app_table(results))
         return 0
     if args.cmd == "row":
-        from zimage.bench.rows import row_plain, row_zimage
+        if args.kind == "toolbox":
+            from zimage.bench.toolbox import row_toolbox
 
-        emit(row_plain(args) if args.kind == "plain" else row_zimage(args))
+            emit(row_toolbox(args))
+        else:
+            from zimage.bench.rows import row_plain, row_zimage
+
+            emit(row_plain(args) if args.kind == "plain" else row_zimage(args))
         return 0
     if args.cmd == "probe":
         from zimage.bench.explore import probe
@@ -328,5 +338,10 @@ def main(argv: list[str] | None = None) -> int:
         from zimage.bench.explore import explore
 
         emit(explore(args))
+        return 0
+    if args.cmd == "preview":
+        from zimage.bench.preview import bench_preview
+
+        emit(bench_preview(args))
         return 0
     return 2

@@ -7,7 +7,9 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-OUTCOMES = ("ok", "invalid", "cancelled", "oom", "error", "rejected", "unready")
+# unsaved: the image was made and handed to the user, but writing its PNG failed;
+# nospace: refused before it ran, the outputs disk being below min_free_mib.
+OUTCOMES = ("ok", "unsaved", "nospace", "invalid", "cancelled", "oom", "error", "rejected", "unready")
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0, 34.0, 60.0, 120.0)
 
 
@@ -69,6 +71,14 @@ class EngineMetrics:
         )
         self.host_rss = Gauge("zimage_host_rss_bytes", "Resident host memory of this process.", registry=r)
         self.mode = Gauge("zimage_memory_mode", "Memory mode in effect (label), value 1.", ["mode"], registry=r)
+        self.outputs_free = Gauge(
+            "zimage_outputs_free_bytes", "Free space on the disk of the outputs folder.", registry=r
+        )
+        self.storage_ok = Gauge(
+            "zimage_storage_ok",
+            "1 while outputs can be saved (enough free space, writable, last save fine), else 0.",
+            registry=r,
+        )
         self.purge_runs = Counter("zimage_purge_runs", "Purge runs by outcome.", ["outcome"], registry=r)
         self.purged_files = Counter("zimage_purged_files", "Files removed by the purge thread.", registry=r)
         self.purged_bytes = Counter("zimage_purged_bytes", "Bytes removed by the purge thread.", registry=r)

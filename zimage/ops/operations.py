@@ -10,10 +10,11 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from zimage.errors import SettingsError
 from zimage.ops.purge import PurgePolicy, Purger
 from zimage.ops.watchdog import WATCHDOG_EXIT_CODE, MemoryWatchdog
 from zimage.units import human_bytes
@@ -24,16 +25,53 @@ log = logging.getLogger(__name__)
 # the job, flush PNGs, tear down) before the watchdog exits hard.
 HARD_EXIT_MARGIN_S = 90.0
 
-__all__ = ["Operations", "WATCHDOG_EXIT_CODE", "gradio_cache_dir"]
+__all__ = ["Operations", "WATCHDOG_EXIT_CODE", "prepare_gradio_cache", "shared_folders"]
+
+CHECKOUT = Path(__file__).resolve().parents[2]
 
 
-def gradio_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """Where Gradio copies the files it serves: as gradio.utils.get_upload_folder() computes it.
+def shared_folders() -> dict[Path, str]:
+    """Folders that are never zimage's own cache (the purge cleans that folder), with why."""
+    tmp = Path(tempfile.gettempdir()).resolve()
+    return {
+        tmp / "gradio": "Gradio's shared cache of every Gradio app on this machine",
+        tmp: "the system's temp folder",
+        Path.home().resolve(): "the home folder",
+        CHECKOUT: "zimage's checkout",
+    }
 
-    Copied rather than imported so this module does not pull in gradio; a test checks that
-    both agree. Gradio reads GRADIO_TEMP_DIR itself, so that is the variable to set."""
+
+def prepare_gradio_cache(folder: str | os.PathLike, environ: MutableMapping[str, str] | None = None) -> Path:
+    """Make zimage's own Gradio cache folder and point Gradio at it (GRADIO_TEMP_DIR).
+
+    Called before Gradio is imported (Gradio reads the variable at import as well as later).
+    Refuses with one SettingsError line a folder that is shared (Gradio's /tmp/gradio, the temp
+    folder, a home or the checkout, or a parent of one) or that cannot be made or written."""
     environ = os.environ if environ is None else environ
-    return Path(environ.get("GRADIO_TEMP_DIR") or (Path(tempfile.gettempdir()) / "gradio")).resolve()
+    given = Path(folder).expanduser()
+    path = given.resolve()
+    shared = shared_folders()
+    clash = next(((f, w) for f, w in shared.items() if path == f), None) or next(
+        ((f, f"a folder above {w} ({f})") for f, w in shared.items() if path in f.parents), None
+    )
+    if clash is not None:
+        raise SettingsError(
+            f"Setting 'gradio_cache_dir' (GRADIO_TEMP_DIR) is {given}, {clash[1]}: give zimage a folder of "
+            "its own, e.g. ~/.cache/zimage/gradio, since the purge cleans it."
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise SettingsError(
+            f"Setting 'gradio_cache_dir' (GRADIO_TEMP_DIR): cannot create {given} ({exc.strerror or exc}); "
+            "give a folder zimage may write to."
+        ) from None
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise SettingsError(
+            f"Setting 'gradio_cache_dir' (GRADIO_TEMP_DIR): {given} is not a folder zimage may write to."
+        )
+    environ["GRADIO_TEMP_DIR"] = str(path)
+    return path
 
 
 class Operations:
@@ -44,12 +82,12 @@ class Operations:
         request_exit: Callable[[int], None],
         cache_dirs: Sequence[str | os.PathLike] | None = None,
     ):
-        """cache_dirs: folders cleaned the way Gradio's cache is laid out; None means Gradio's
-        own cache folder (GRADIO_TEMP_DIR or its default), [] none."""
+        """cache_dirs: folders cleaned the way Gradio's cache is laid out; None means zimage's own
+        Gradio cache (settings.gradio_cache_dir), [] none."""
         self.engine = engine
         self.settings = settings
         self.request_exit = request_exit
-        caches = [gradio_cache_dir()] if cache_dirs is None else list(cache_dirs)
+        caches = [Path(settings.gradio_cache_dir).expanduser()] if cache_dirs is None else list(cache_dirs)
         self.purger = Purger(
             settings.outputs_dir,
             caches,
@@ -70,6 +108,7 @@ class Operations:
         if self.started:
             return
         self.started = True
+        self.purger.sweep_temp_files()  # a kill -9 during a PNG write left its temp file: gone at start
         self.purger.start()
         if self.watchdog not in self.engine.job_listeners:
             self.engine.job_listeners.append(self.watchdog)

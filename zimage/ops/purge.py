@@ -10,8 +10,12 @@ It deletes files on a box nobody watches for weeks, so safety comes before every
   mis-set ``outputs_dir`` (".", a home folder) costs nobody their files;
 - in Gradio's cache only regular files one level down, inside the hash-named folders Gradio
   makes (``<cache>/<sha256>/<name>``), are candidates;
-- hidden files (the store's ``.tmp-`` files, Gradio's ``.name.xxxx`` staging copies) and files
-  modified in the last few seconds are never touched: they may still be being written;
+- hidden files (Gradio's ``.name.xxxx`` staging copies) and files modified in the last few
+  seconds are never touched: they may still be being written;
+- the store's own temp files (``.tmp-<name>.<pid>.<thread>``) are removed once stale: a kill -9
+  during a PNG write leaves one behind. Stale means older than STALE_TMP_S, or older than a few
+  seconds with its writer process gone; they are swept at start and by every run, whatever the
+  limits;
 - symlinks are neither followed, nor removed, nor counted;
 - an error on one file is logged and the run goes on; an error of a whole run is logged and
   counted, and the thread waits for the next run.
@@ -30,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zimage.service.store import is_output_name, is_user_folder_name
+from zimage.service.store import is_output_name, is_temp_name, is_user_folder_name, temp_writer_pid
 from zimage.units import human_bytes
 
 log = logging.getLogger(__name__)
@@ -43,6 +47,7 @@ CACHE_DIR_NAME = re.compile(r"[0-9a-f]{32,128}")
 FRESH_S = 10.0  # younger files may still be being written (Gradio writes its copies in place)
 KEEP_REMOVED = 20  # names of removed files kept for the status panel
 KEEP_ERRORS = 10
+STALE_TMP_S = 600.0  # a PNG write takes well under a second: a temp file this old was abandoned
 
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
 
@@ -198,13 +203,16 @@ class Purger:
         return self._thread is not None and self._thread.is_alive()
 
     def _loop(self) -> None:
+        # Settings refuse an infinite or huge interval; the cap keeps Event.wait from raising (and the
+        # thread from dying while the app runs on) whatever a caller passes.
+        every_s = min(self.every_s, threading.TIMEOUT_MAX)
         while not self._stop.is_set():
             try:
                 self.run_once()
             except Exception:  # noqa: BLE001 - run_once records its own errors; this is the last net
                 log.exception("purge: unexpected error outside a run")
-            self.next_run = time.time() + self.every_s
-            if self._stop.wait(self.every_s):
+            self.next_run = time.time() + every_s
+            if self._stop.wait(every_s):
                 break
 
     # ------------------------------------------------------------------------------------
@@ -218,6 +226,8 @@ class Purger:
             now = time.time() if now is None else now
             for folder, cache in [(self.outputs_dir, False), *((d, True) for d in self.cache_dirs)]:
                 try:
+                    if not cache:
+                        self._sweep_temp(folder, now, report)
                     self._purge_folder(folder, cache, now, report)
                 except Exception as exc:  # noqa: BLE001 - one bad folder or run must not stop the others
                     report.outcome = "error"
@@ -229,6 +239,27 @@ class Purger:
             report.seconds = time.perf_counter() - t0
             self._record(report)
             return report
+
+    def sweep_temp_files(self, now: float | None = None) -> int:
+        """Remove the store's stale temp files now (at start); returns how many. Never raises."""
+        report = PurgeReport(started=time.time())
+        try:
+            with self._run_lock:
+                self._sweep_temp(self.outputs_dir, time.time() if now is None else now, report)
+        except Exception:  # noqa: BLE001 - a sweep must never stop the start
+            log.exception("purge: could not sweep temp files in %s", self.outputs_dir)
+        return report.files
+
+    def _sweep_temp(self, root: Path, now: float, report: PurgeReport) -> None:
+        try:
+            root_fd = os.open(root, _DIR_FLAGS)
+        except FileNotFoundError:
+            return
+        try:
+            for info in _scan_temp(root_fd, now, self.policy.fresh_s):
+                self._remove(root, root_fd, info, "stale temp", now, report)
+        finally:
+            os.close(root_fd)
 
     def _record(self, report: PurgeReport) -> None:
         self.last = report
@@ -371,6 +402,58 @@ def _scan_outputs(root_fd: int) -> list[FileInfo]:
         finally:
             os.close(sub_fd)
     return files
+
+
+def _scan_temp(root_fd: int, now: float, fresh_s: float) -> list[FileInfo]:
+    """The store's temp files that no write will finish (old, or their writer process is gone),
+    in the outputs folder and one level down in the users' folders (never through a link)."""
+    stale = []
+    with os.scandir(root_fd) as it:
+        entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+    folders = [("", root_fd, [n for n, _ in entries])]
+    opened = []
+    try:
+        for name, is_dir in entries:
+            if is_dir and is_user_folder_name(name):
+                try:
+                    sub_fd = os.open(name, _DIR_FLAGS, dir_fd=root_fd)
+                except OSError:
+                    continue  # gone, or a link
+                opened.append(sub_fd)
+                with os.scandir(sub_fd) as it:
+                    folders.append((name + "/", sub_fd, [e.name for e in it]))
+        for prefix, fd, names in folders:
+            for name in names:
+                if not is_temp_name(name):
+                    continue
+                try:
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                except OSError:
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                age = now - st.st_mtime
+                if age >= STALE_TMP_S or (age >= fresh_s and not _alive(temp_writer_pid(name))):
+                    stale.append(FileInfo(prefix + name, st.st_size, st.st_mtime, st.st_ino, st.st_dev))
+    finally:
+        for fd in opened:
+            os.close(fd)
+    return stale
+
+
+def _alive(pid: int | None) -> bool:
+    """Whether the process that wrote a temp file still runs (this one counts as running)."""
+    if not pid:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, but not ours to signal
+    return True
 
 
 def _scan_cache(root_fd: int, now: float, fresh_s: float) -> tuple[list[FileInfo], list[str]]:

@@ -110,11 +110,15 @@ def _serve(name, settings, replica, metrics, conn, send, cancel) -> None:
             return
         if msg[0] != "run":
             continue
-        _, request, job_id = msg
-        job = Job(id=job_id, cancel_event=cancel)
+        _, request, job_id, *more = msg
+        job = Job(id=job_id, cancel_event=cancel, want_preview=bool(more and more[0]))
 
-        def progress(phase: str, done: int, total: int) -> None:
+        def progress(phase: str, done: int, total: int, job: Job = job, sent: list[Any] = [None]) -> None:  # noqa: B006
             send(("progress", phase, done, total))
+            frame = job.preview
+            if frame is not None and frame is not sent[0]:  # a new live preview frame (12 KB at most)
+                sent[0] = frame
+                send(("preview", frame.step, frame.total, frame.rgb))
 
         error: BaseException | None = None
         reply: tuple

@@ -16,7 +16,18 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from zimage.errors import Cancelled, GenerationFailed, InvalidRequest, NotReady, OutOfMemory, ShuttingDown, ZImageError
+from zimage.errors import (
+    BadLora,
+    Cancelled,
+    GenerationFailed,
+    InvalidRequest,
+    NoSpace,
+    NotReady,
+    OutOfMemory,
+    ShuttingDown,
+    ZImageError,
+)
+from zimage.model.lora import LoraLibrary
 from zimage.model.pipeline import LoadedModel
 from zimage.model.presets import model_preset
 from zimage.ops.metrics import EngineMetrics
@@ -27,7 +38,7 @@ from zimage.service.replicas import LocalReplica, ReplicaPool
 from zimage.service.request import GenerationRequest, Limits, resolve_seed, validate
 from zimage.service.result import GenerationResult
 from zimage.service.runner import ProgressFn, Runner
-from zimage.service.store import OutputStore
+from zimage.service.store import MiB, OutputStore, SaveReport, write_problem
 from zimage.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -44,7 +55,12 @@ class Engine:
         self.timeline = LoadTimeline()
         self.metrics = EngineMetrics()
         self.recent = RecentJobs()
-        self.store = OutputStore(settings.outputs_dir, settings.png_metadata, settings.png_compress_level)
+        self.store = OutputStore(
+            settings.outputs_dir,
+            settings.png_metadata,
+            settings.png_compress_level,
+            min_free_bytes=settings.min_free_mib * MiB,
+        )
         self.started = time.time()
         self.model: LoadedModel | None = None
         self.runner: Runner | None = None
@@ -59,10 +75,14 @@ class Engine:
             self.pool = ReplicaPool()
         # Jobs waiting in front of the engine (the web server sets it to Gradio's queue length).
         self.waiting_elsewhere: Callable[[], int] = lambda: 0
+        # The LoRA files: listed for the page, checked before a job queues (each replica holds its own
+        # library on its own pipeline and checks every file against its layers again).
+        self.loras = LoraLibrary.from_settings(settings)
         self._ready = threading.Event()
         self._loading: threading.Thread | None = None
         self._loading_lock = threading.Lock()
         self._images_made = 0
+        self._handoffs = _Counter()
         self.compile_backend: Any = "inductor"  # torch.compile backend of the compile beside (tests: cheaper)
         self.metrics.on_scrape(self._refresh_metrics)
 
@@ -245,12 +265,20 @@ class Engine:
         job = job or self.new_job()
         t_request = time.time()
         req = request
+        handing_off = False
         try:
             req = validate(request, self.limits)
+            self.loras.check(req.loras)  # a bad LoRA file is refused before it waits for the GPU
             self._admit(wait_ready)
+            if save:
+                self.store.check_space()  # a full disk refuses the job before the GPU works for nothing
             req = replace(req, seed=resolve_seed(req.seed))
             req, reduced = self._load_aware(req)
-            job.total = req.steps
+            job.total = req.denoise_steps
+            # Counted from here until its images are with the writer: shutdown waits for this
+            # before it closes the writer, so an image finished as the drain ends is still saved.
+            self._handoffs.begin()
+            handing_off = True
             result = self.pool.run(req, job, progress)
             if reduced:
                 result.steps_asked = request.steps
@@ -260,21 +288,22 @@ class Engine:
             result.timings.queue_wait = queue_wait
             result.started_at = job.started
         except BaseException as exc:  # noqa: BLE001 - accounted for, then raised as a user-facing error
+            if handing_off:
+                self._handoffs.end()
             raise self._failed(req, job, exc) from (None if isinstance(exc, ZImageError) else exc)
-        job.state = "done"
-        self._count_ok(result, queue_wait)
-        if save:
-            metas = [result.metadata(seed) for seed in result.seeds]
-
-            def saved(paths: list[str], seconds: float) -> None:
-                result.timings.png = seconds
-                result.paths = paths
-                self.metrics.stage.labels("png", result.replica).observe(seconds)
+        try:
+            job.state = "done"
+            self._count_made(result, queue_wait)
+            if save:
+                metas = [result.metadata(seed) for seed in result.seeds]
+                result._saved = self.store.save_async(
+                    result.images, metas, lambda report: self._saved(req, result, report), owner=req.owner
+                )
+            else:
+                self.metrics.requests.labels("ok").inc()
                 self._log_request(req, result, "ok", None)
-
-            result._saved = self.store.save_async(result.images, metas, saved, owner=req.owner)
-        else:
-            self._log_request(req, result, "ok", None)
+        finally:
+            self._handoffs.end()
         self.recent.add(result.summary())
         self._notify(result, None)
         return result
@@ -322,7 +351,7 @@ class Engine:
         job.state = "cancelled" if outcome == "cancelled" else "failed"
         self.metrics.requests.labels(outcome).inc()
         self._log_request(req, None, outcome, error)
-        if outcome in ("invalid", "unready"):  # refused before it ran: no job listener cares
+        if outcome in ("invalid", "unready", "nospace"):  # refused before it ran: no job listener cares
             return error
         if outcome != "rejected":
             self._notify(None, error)
@@ -331,10 +360,39 @@ class Engine:
         log.error("generation failed", exc_info=error)
         return GenerationFailed(f"Generation failed: {type(error).__name__}: {str(error)[:300]}")
 
-    def _count_ok(self, result: GenerationResult, queue_wait: float) -> None:
+    def _saved(self, req: GenerationRequest, result: GenerationResult, report: SaveReport) -> None:
+        """On the writer thread, once the PNGs are written (or not): the request's outcome is
+        counted and logged here, 'unsaved' when a file could not be written."""
+        result.timings.png = report.seconds
+        result.paths = report.paths
+        self.metrics.stage.labels("png", result.replica).observe(report.seconds)
+        if report.error is None:
+            self.metrics.requests.labels("ok").inc()
+            self._log_request(req, result, "ok", None)
+            return
+        result.unsaved = report.unsaved
+        n, total = len(report.unsaved), len(result.images)
+        why = write_problem(report.error)
+        it = "it" if n == 1 else "them"
+        if total == 1:
+            what = f"the image was made, but it could not be written to the outputs folder because {why}"
+        elif n == total:
+            what = f"the {total} images were made, but they could not be written to the outputs folder because {why}"
+        else:
+            what = (
+                f"{n} of the {total} images could not be written to the outputs folder because {why} (the others were)"
+            )
+        result.save_error = (
+            f"Not saved: {what}. Download {it} from the result now: the page keeps {it} only for a few hours."
+        )
+        result.notes.append(result.save_error)
+        self.metrics.requests.labels("unsaved").inc()
+        self._log_request(req, result, "unsaved", report.error)
+
+    def _count_made(self, result: GenerationResult, queue_wait: float) -> None:
+        """The job's numbers once its images exist; its outcome is counted when they are saved."""
         t = result.timings
         replica = result.replica
-        self.metrics.requests.labels("ok").inc()
         self.metrics.latency.labels(replica).observe(t.gpu_total)
         self.metrics.queue_wait.observe(queue_wait)
         self.metrics.images.inc(len(result.images))
@@ -357,7 +415,11 @@ class Engine:
     def _log_request(self, req: GenerationRequest, result: GenerationResult | None, outcome: str, error) -> None:
         # Every request gets its line, the ones that never ran too (invalid, refused while shutting
         # down or loading, cancelled in the queue); %s because an invalid request may hold any value.
-        times = f"path {result.compute_path}, {result.timings.summary()}" if result else f"error: {str(error)[:200]}"
+        times = result.timings.summary() if result else f"error: {str(error)[:200]}"
+        if result is not None:
+            times = f"path {result.compute_path}, {times}"
+        if result is not None and error is not None:
+            times += f", save error: {str(error)[:200]}"
         log.info(
             "request user=%s replica=%s size=%sx%s steps=%s count=%s seed=%s outcome=%s %s",
             req.user or "-",
@@ -371,7 +433,16 @@ class Engine:
             times,
         )
 
+    def storage(self):
+        """The outputs folder's state (store.StorageState), also published in /metrics."""
+        state = self.store.state()
+        if state.free_bytes is not None:
+            self.metrics.outputs_free.set(state.free_bytes)
+        self.metrics.storage_ok.set(1 if state.ok else 0)
+        return state
+
     def _refresh_metrics(self) -> None:
+        self.storage()
         self.metrics.queue_depth.set(self.pool.waiting)
         self.metrics.running.set(len(self.pool.running))
         snap = memory_snapshot()
@@ -448,6 +519,8 @@ class Engine:
 
         Returns True when the running job finished on its own."""
         finished = self.pool.drain(grace_s)
+        if not self._handoffs.wait_idle(HANDOFF_WAIT_S):
+            log.warning("shutdown: a finished job did not reach the PNG writer within %.0fs", HANDOFF_WAIT_S)
         if self.compiler is not None:  # a compile cannot be stopped midway: let it end (bounded)
             self.compiler.wait(min(grace_s, COMPILE_EXIT_WAIT_S))
         self.pool.close()
@@ -455,10 +528,36 @@ class Engine:
         return finished
 
 
+HANDOFF_WAIT_S = 30.0  # at shutdown: the most a job past the GPU may take to hand its images to the writer
+
+
+class _Counter:
+    """How many jobs are between the GPU and the PNG writer; wait_idle() until none is."""
+
+    def __init__(self) -> None:
+        self._n = 0
+        self._cv = threading.Condition()
+
+    def begin(self) -> None:
+        with self._cv:
+            self._n += 1
+
+    def end(self) -> None:
+        with self._cv:
+            self._n -= 1
+            self._cv.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._cv:
+            return self._cv.wait_for(lambda: self._n == 0, timeout)
+
+
 _OUTCOMES: dict[type, str] = {
     InvalidRequest: "invalid",
+    BadLora: "invalid",
     NotReady: "unready",
     ShuttingDown: "rejected",
     Cancelled: "cancelled",
     OutOfMemory: "oom",
+    NoSpace: "nospace",
 }

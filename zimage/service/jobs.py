@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +21,8 @@ class Job:
     step: int = 0
     total: int = 0
     created: float = field(default_factory=time.time)
+    want_preview: bool = False  # the runner publishes live previews (service.preview.Frame) into .preview
+    preview: Any = None
     started: float = 0.0  # wall clock when a replica took it
     replica: str = ""  # the replica that ran it
 

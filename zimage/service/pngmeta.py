@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -124,32 +125,47 @@ def read_parameters_checked(source: str | Path | IO[bytes]) -> tuple[dict[str, A
     return clean_parameters(raw if isinstance(raw, dict) else {})
 
 
-def _parse_parameters_text(text: str) -> dict[str, Any]:
-    """A1111's layout back to fields; values stay text here (clean_parameters types them)."""
+# One "Key: value" of A1111's last line; a value with commas is quoted ("a: 1, b: 2").
+_A1111_PARAM = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_NEGATIVE = "Negative prompt:"
+_A1111_FIELDS = {"steps": "steps", "cfg scale": "guidance", "seed": "seed", "shift": "shift", "model": "model"}
+
+
+def parse_a1111(text: str) -> dict[str, Any]:
+    """Our fields from the `parameters` text that AUTOMATIC1111, Forge, Fooocus (A1111 mode) and zimage
+    write: prompt lines, "Negative prompt: ..." lines, then one "Steps: 20, Sampler: ..., Seed: 1" line
+    (values quoted when they hold commas). Values stay text (clean_parameters types and checks them);
+    keys we have no field for (sampler, model hash, LoRA hashes...) are left out."""
     lines = text.strip().splitlines()
     if not lines:
         return {}
-    out: dict[str, Any] = {}
-    tail = lines[-1]
-    body = lines[:-1]
-    if body and body[-1].startswith("Negative prompt: "):
-        out["negative_prompt"] = body.pop()[len("Negative prompt: ") :]
-    out["prompt"] = "\n".join(body)
-    for part in tail.split(", "):
-        key, _, value = part.partition(": ")
-        key = key.strip().lower()
-        if key == "steps":
-            out["steps"] = value
-        elif key == "cfg scale":
-            out["guidance"] = value
-        elif key == "seed":
-            out["seed"] = value
-        elif key == "size":
-            w, _, h = value.partition("x")
-            out["width"], out["height"] = w, h
-        elif key == "model":
-            out["model"] = value
+    params = dict(_A1111_PARAM.findall(lines[-1]))
+    if len(params) >= 3:  # A1111's own test: a real parameters line has at least three pairs
+        lines = lines[:-1]
+    else:
+        params = {}
+    prompt: list[str] = []
+    negative: list[str] = []
+    in_negative = False
+    for line in lines:
+        if line.startswith(_NEGATIVE):
+            in_negative = True
+            line = line[len(_NEGATIVE) :].strip()
+        (negative if in_negative else prompt).append(line)
+    out: dict[str, Any] = {"prompt": "\n".join(prompt).strip()}
+    if negative:
+        out["negative_prompt"] = "\n".join(negative).strip()
+    fields = {k.strip().lower(): v.strip().strip('"') for k, v in params.items()}
+    for key, name in _A1111_FIELDS.items():
+        if key in fields:
+            out[name] = fields[key]
+    if "size" in fields:
+        w, _, h = fields["size"].partition("x")
+        out["width"], out["height"] = w.strip(), h.strip()
     return out
+
+
+_parse_parameters_text = parse_a1111
 
 
 # field -> (kind, low, high); text fields: (str, max length, None)
@@ -168,6 +184,12 @@ _FIELDS: dict[str, tuple[type, Any, Any]] = {
     "height": (int, 1, MAX_PNG_SIDE),
     "steps": (int, 1, 10_000),
     "guidance": (float, 0.0, 1000.0),
+    "shift": (float, 0.0, 1000.0),
+    # image to image, inpainting and LoRAs (zimage/service/result.py: GenerationResult.toolbox)
+    "mode": (str, 20, None),
+    "strength": (float, 0.0, 1.0),
+    "feather": (int, 0, 10_000),
+    "source_sha256": (str, 64, None),
 }
 
 
@@ -182,6 +204,12 @@ def clean_parameters(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         if spec is None:
             if key == "timings" and isinstance(value, dict):
                 clean["timings"] = _timings(value)
+            elif key in _TOOLBOX:
+                checked = _TOOLBOX[key](value)
+                if checked is None:
+                    dropped.append(f"{key} ({_shown(value)})")
+                else:
+                    clean[key] = checked
             continue
         kind, low, high = spec
         if kind is str:
@@ -196,6 +224,37 @@ def clean_parameters(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         else:
             clean[key] = number
     return clean, dropped
+
+
+def _ints(value: Any, n: int) -> list[int] | None:
+    if not isinstance(value, list) or len(value) != n:
+        return None
+    out = [_number(v, int, 0, MAX_PNG_SIDE) for v in value]
+    return None if None in out else out
+
+
+def _loras(value: Any) -> list[dict[str, Any]] | None:
+    """[{name, weight, sha256}], at most 16, each checked; anything else drops the field."""
+    if not isinstance(value, list) or len(value) > 16:
+        return None
+    out = []
+    for entry in value:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or len(entry["name"]) > 255:
+            return None
+        weight = _number(entry.get("weight", 1.0), float, -100.0, 100.0)
+        sha = entry.get("sha256", "")
+        if weight is None or not isinstance(sha, str) or len(sha) > 64:
+            return None
+        out.append({"name": entry["name"], "weight": weight, "sha256": sha})
+    return out
+
+
+_TOOLBOX = {
+    "mask": lambda v: v if isinstance(v, bool) else None,
+    "outpaint": lambda v: _ints(v, 4),
+    "source_size": lambda v: _ints(v, 2),
+    "loras": _loras,
+}
 
 
 def _timings(value: dict[str, Any]) -> dict[str, Any]:

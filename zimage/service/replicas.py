@@ -292,6 +292,7 @@ class LocalReplica:
         return self._state
 
     def start(self) -> None:
+        from zimage.model.lora import LoraLibrary, compiled
         from zimage.model.pipeline import load_model
         from zimage.service.runner import Runner
 
@@ -299,7 +300,10 @@ class LocalReplica:
         try:
             with LocalReplica._loading:
                 self.model = load_model(self.settings, self.timeline)
-            self.runner = Runner(self.model, self.metrics, self.settings.real_length_prompt)
+            # this replica's LoRAs live on its own pipeline (the slot before the first compiled run)
+            self.loras = LoraLibrary.from_settings(self.settings)
+            self.runner = Runner(self.model, self.metrics, self.settings.real_length_prompt, loras=self.loras)
+            self.model.notes += self.loras.attach(self.model.pipe, compiled=compiled(self.settings, self.model))
             # Ready on the eager path; the compiled blocks build beside and go live between jobs.
             from zimage.model.compiler import start_beside
 

@@ -25,6 +25,8 @@ class StageTimings:
     to_host: float = 0.0
     gpu_total: float = 0.0  # request start (lock taken) to decoded RGB pixels in host memory
     png: float | None = None  # encode and write, measured beside the next job
+    vae_encode: float = 0.0  # image to image and inpainting: the source through the VAE encoder
+    lora: float = 0.0  # putting the job's LoRAs in effect (reading a new file, loading or swapping)
 
     @property
     def denoise(self) -> float:
@@ -45,6 +47,8 @@ class StageTimings:
             "to_host_s": round(self.to_host, 4),
             "total_s": round(self.gpu_total, 4),
             "png_s": None if self.png is None else round(self.png, 4),
+            "vae_encode_s": round(self.vae_encode, 4),
+            "lora_s": round(self.lora, 4),
         }
 
     def summary(self) -> str:
@@ -71,6 +75,10 @@ class GenerationResult:
     paths: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # e.g. "retried with VAE tiling after OOM"
     compute_path: str = "eager"  # "eager" or "compiled" (blocks), as zimage.model.compiler routed it
+    # Images made but not written (disk full, read-only...): store.UnsavedImage, PNG bytes kept
+    unsaved: list[Any] = field(default_factory=list)
+    save_error: str | None = None  # the sentence that tells the user why they were not saved
+    loras: list[dict[str, Any]] = field(default_factory=list)  # name, weight, sha256 of each LoRA used
     _saved: Any = None  # concurrent.futures.Future[list[str]] while the PNGs are written
 
     def wait_saved(self, timeout: float | None = None) -> list[str]:
@@ -90,6 +98,7 @@ class GenerationResult:
             "height": r.height,
             "steps": r.steps,
             "guidance": r.guidance,
+            **({"shift": r.shift} if r.shift is not None else {}),
             "model": self.model,
             "memory_mode": str(self.memory_mode),
             "device": self.device,
@@ -98,6 +107,7 @@ class GenerationResult:
             "batch_seed": r.seed,
             "batch_count": r.count,
             "generator": "zimage",
+            **self.toolbox(),
             **self._load_aware(),
         }
 
@@ -106,6 +116,24 @@ class GenerationResult:
         if self.steps_asked is None:
             return {}
         return {"steps_asked": self.steps_asked, "load_aware_steps": True}
+
+    def toolbox(self) -> dict[str, Any]:
+        """Image to image, inpainting and LoRAs: what the PNG records and a loaded PNG restores."""
+        r = self.request
+        out: dict[str, Any] = {}
+        if r.source is not None:
+            out.update(
+                mode=r.mode,
+                strength=r.strength,
+                source_sha256=r.source.sha256,
+                source_size=list(r.source.given_size),
+                mask=r.source.mask is not None,
+                feather=r.feather,
+                outpaint=list(r.outpaint),
+            )
+        if self.loras:
+            out["loras"] = [dict(entry) for entry in self.loras]
+        return out
 
     def summary(self) -> dict[str, Any]:
         """The short record the profiler's "Last run" card shows (no prompt: the panel is shared)."""
@@ -130,10 +158,14 @@ class GenerationResult:
             "height": r.height,
             "steps": r.steps,
             "guidance": r.guidance,
+            "shift": r.shift,
             "count": r.count,
             "prompt": r.prompt,
             "negative_prompt": r.negative_prompt,
             "files": [Path(p).name for p in self.paths],
+            "saved": not self.unsaved,
+            "unsaved": [u.name for u in self.unsaved],
+            "save_error": self.save_error,
             "model": self.model,
             "memory_mode": str(self.memory_mode),
             "device": self.device,
@@ -141,6 +173,7 @@ class GenerationResult:
             "timings": self.timings.as_dict(),
             "started_at": self.started_at,
             "job": self.job_id,
+            **self.toolbox(),
             "replica": self.replica,
             "compute_path": self.compute_path,
             **self._load_aware(),

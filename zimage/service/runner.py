@@ -17,13 +17,17 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from zimage.errors import Cancelled, OutOfMemory
+from zimage.errors import BadLora, Cancelled, OutOfMemory
 from zimage.model.decode import available_for_decode, decode_strategy
+from zimage.model.lora import LoraLibrary
 from zimage.model.memory import HOOKED_MODES, SINGLE_STREAM_MODES, downgrade, free_memory, host_embedding, is_oom
 from zimage.model.pipeline import LoadedModel
 from zimage.ops.metrics import EngineMetrics
 from zimage.ops.profiler import StageTimer
+from zimage.service.img2img import SourceRun
 from zimage.service.jobs import Job
+from zimage.service.preview import LatentPreview, scheduler_sigmas
+from zimage.service.preview import supported as preview_supported
 from zimage.service.request import GenerationRequest
 from zimage.service.result import GenerationResult, StageTimings
 
@@ -52,10 +56,17 @@ def module_device(module) -> Any:
 class Runner:
     """Runs requests on one loaded pipeline. Not thread-safe: the caller holds the GPU lock."""
 
-    def __init__(self, model: LoadedModel, metrics: EngineMetrics, real_length_prompt: bool = True):
+    def __init__(
+        self,
+        model: LoadedModel,
+        metrics: EngineMetrics,
+        real_length_prompt: bool = True,
+        loras: LoraLibrary | None = None,
+    ):
         self.model = model
         self.metrics = metrics
         self.real_length_prompt = real_length_prompt
+        self.loras = loras
 
     @property
     def pipe(self) -> Any:
@@ -195,6 +206,33 @@ class Runner:
             return "VAE tiling"
         return "freed memory"
 
+    def _preview(self, latents, job: Job, steps: int) -> LatentPreview | None:
+        """The live preview of this job (frames land in job.preview); None for a scheduler whose
+        sigmas the preview cannot compute on the host."""
+        sigmas = scheduler_sigmas(self.pipe.scheduler, steps)
+        if sigmas is None:
+            log.debug("no live preview: the scheduler shifts its sigmas dynamically")
+            return None
+        return LatentPreview(latents, sigmas, lambda frame: setattr(job, "preview", frame))
+
+    @staticmethod
+    def _denoise(pipe, req: GenerationRequest, pos, neg, latents, step_done, run_kwargs: dict[str, Any]):
+        n = req.count
+        return pipe(
+            prompt=None,
+            prompt_embeds=[pos] * n,
+            negative_prompt_embeds=[neg] * n if neg is not None else None,
+            height=req.height,
+            width=req.width,
+            num_inference_steps=req.steps,
+            guidance_scale=req.guidance,
+            latents=latents,
+            output_type="latent",
+            callback_on_step_end=step_done,
+            return_dict=False,
+            **run_kwargs,
+        )[0]
+
     def run(self, req: GenerationRequest, job: Job, progress: ProgressFn | None) -> GenerationResult:
         """One run; any failure comes out as StageFailed naming the stage (Cancelled as itself)."""
         import torch
@@ -208,13 +246,18 @@ class Runner:
         single_stream = cuda and self.model.plan.mode in SINGLE_STREAM_MODES
         timer = StageTimer(exec_dev if single_stream else None)
         sync = (lambda: _sync_all(self.model.plan)) if cuda and not single_stream else (lambda: None)
-        n = req.count
-        notes: list[str] = []  # what this run did differently (a tiled decode)
-        stage = "text_encoder"
+        notes: list[str] = list(req.notes)  # what this run did differently (a tiled decode), and validation's notes
+        total = req.denoise_steps
+        stage = "lora"
+        preview: LatentPreview | None = None
+        source = SourceRun(pipe, req, seeds) if req.source is not None else None
 
-        def step_done(_pipe, i, _t, _kwargs):
+        def step_done(_pipe, i, _t, kwargs):
+            out = {"latents": source.blend(i, kwargs["latents"])} if source is not None else {}
             sync()
             timer.mark(f"step{i}")
+            if preview is not None and "latents" in kwargs:
+                preview.step(i, kwargs["latents"])
             if single_stream and i >= 1:
                 timer.wait_previous()  # keep one step in flight: honest progress, prompt cancel
                 done = i
@@ -222,16 +265,20 @@ class Runner:
                 done = i + 1
             job.step = done
             if progress:
-                progress("denoise", done, req.steps)
+                progress("denoise", done, total)
             if job.cancelled:
                 raise Cancelled("Cancelled.")
-            return {}
+            return out
 
         try:
             with torch.no_grad():
                 timer.mark("start")
+                applied = self.loras.apply(req.loras) if self.loras is not None and self.loras.attached else None
+                if applied is not None:
+                    timer.mark("lora")
+                stage = "text_encoder"
                 if progress:
-                    progress("text", 0, req.steps)
+                    progress("text", 0, total)
                 pos = self.encode(req.prompt)
                 neg = self.encode(req.negative_prompt) if req.guidance > 0 else None
                 sync()
@@ -239,36 +286,48 @@ class Runner:
                 if job.cancelled:
                     raise Cancelled("Cancelled.")
                 stage = "denoise"
-                latents = self.noise(seeds, req.width, req.height)
-                latents = pipe(
-                    prompt=None,
-                    prompt_embeds=[pos] * n,
-                    negative_prompt_embeds=[neg] * n if neg is not None else None,
-                    height=req.height,
-                    width=req.width,
-                    num_inference_steps=req.steps,
-                    guidance_scale=req.guidance,
-                    latents=latents,
-                    output_type="latent",
-                    callback_on_step_end=step_done,
-                    return_dict=False,
-                )[0]
+                scheduler = pipe.scheduler
+                own_shift = getattr(scheduler, "shift", None)
+                if req.shift is not None and own_shift is not None:
+                    scheduler.set_shift(req.shift)  # the caller holds the GPU: no one else uses it now
+                run_kwargs: dict[str, Any] = {}
+                if source is None:
+                    latents = self.noise(seeds, req.width, req.height)
+                else:
+                    stage = "vae_encode"
+                    encoded = source.encode(self.device_for(pipe.vae), exec_dev)
+                    latents = source.start_latents(encoded, pos.dtype, exec_dev)
+                    sync()
+                    timer.mark("vae_encode")
+                    stage = "denoise"
+                    run_kwargs = {"image": req.source.image, "strength": req.strength}
+                if job.want_preview and preview_supported(pipe):
+                    preview = self._preview(latents, job, total)
+                try:
+                    latents = self._denoise(
+                        source.pipeline if source is not None else pipe, req, pos, neg, latents, step_done, run_kwargs
+                    )
+                finally:
+                    if req.shift is not None and own_shift is not None:
+                        scheduler.set_shift(own_shift)
                 stage = "vae_decode"
                 if progress:
-                    progress("decode", req.steps, req.steps)
+                    progress("decode", total, total)
                 pixels = self.decode(latents, notes)
                 sync()
                 timer.mark("vae_decode")
                 stage = "to_host"
                 host = pixels.cpu()
                 timer.mark("to_host")
-        except Cancelled:
+        except (Cancelled, BadLora):
             raise
         except Exception as exc:
             raise StageFailed(stage, exc) from exc
         timings = _timings(timer.resolve())
         images = [Image.fromarray(a) for a in host.numpy()]
-        return GenerationResult(
+        if source is not None:
+            images = source.finish(images)
+        result = GenerationResult(
             request=req,
             images=images,
             seeds=seeds,
@@ -279,6 +338,10 @@ class Runner:
             job_id=job.id,
             notes=notes,
         )
+        if applied is not None:
+            result.loras = applied.loras
+            result.notes += applied.notes
+        return result
 
 
 def _sync_all(plan) -> None:
@@ -300,5 +363,9 @@ def _timings(marks: list[tuple[str, float]]) -> StageTimings:
             timings.vae_decode = dt
         elif name == "to_host":
             timings.to_host = dt
+        elif name == "vae_encode":
+            timings.vae_encode = dt
+        elif name == "lora":
+            timings.lora = dt
     timings.gpu_total = sum(dt for _, dt in marks)
     return timings

@@ -190,7 +190,7 @@ class ProcessReplica:
         try:
             self._cancel.clear()
             try:
-                self._conn.send(("run", request, job.id))
+                self._conn.send(("run", request, job.id, job.want_preview))
             except (OSError, ValueError) as exc:
                 raise _Died(f"its pipe broke ({exc})") from None
             told_cancel = False
@@ -208,6 +208,10 @@ class ProcessReplica:
                         job.step = done
                     if progress is not None:
                         progress(phase, done, total)
+                elif kind == "preview":  # a live preview frame (service.preview.Frame's fields)
+                    from zimage.service.preview import Frame
+
+                    job.preview = Frame(*msg[1:])
                 elif kind == "result":
                     payload = msg[1]
                     exit_after = payload.get("exit_after")

@@ -2,10 +2,14 @@
 
 `build_ui(engine, ops, settings)` returns the Blocks; server.py mounts it on FastAPI with the
 options from `page_options()`. The widgets are declared here; what they do lives in
-handlers.py (the Studio), what the panels show in panels.py, the size arithmetic in sizes.py.
-Every GPU listener shares one `concurrency_id` with a limit of one per replica (one per GPU),
-so Gradio's own queue (and its queue position display) is where people wait; the engine's
-replica pool hands each running job to a free replica behind it.
+handlers.py (the Studio), what the panels show in panels.py, the size arithmetic in sizes.py,
+the words in i18n.py, the browser side (language and theme switches, phone scrolling, the
+delete question) in static/studio.js.
+
+Every GPU listener shares one `concurrency_id` with a limit of one per replica (one per GPU), so
+Gradio's own queue is where people wait (the page shows each tab its place and an ETA); the
+engine's replica pool hands each running job to a free replica behind it. The page's Generate and the API's `generate` are two listeners on that one queue: the page's
+follows its run with live previews, the API's answers with the PNGs in one call.
 """
 
 from __future__ import annotations
@@ -19,25 +23,27 @@ from typing import Any
 import gradio as gr
 
 from zimage.model.presets import ASPECT_RATIOS
-from zimage.service.request import GUIDANCE_MAX, SEED_MAX
-from zimage.web.handlers import Studio
+from zimage.service.request import GUIDANCE_MAX, SEED_MAX, SHIFT_MAX, SHIFT_MIN
+from zimage.web.handlers import GPU_QUEUE, Studio
+from zimage.web.i18n import gradio_i18n, t, tr
 from zimage.web.panels import _e, render_banner, render_profiler
 from zimage.web.sizes import CUSTOM, match_preset, ratio_label, size_note
 
 log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parent / "static"  # package data: found the same once pip-installed
-GPU_QUEUE = "gpu"  # the one concurrency group of every listener that runs the pipeline
 # Gradio copies every returned image into its cache; these copies are only needed while a page
 # shows them (history is served from the outputs folder), so sweep hourly, keep six hours.
 CACHE_SWEEP = (3600, 6 * 3600)
+DEFAULT_SHIFT = 3.0  # Z-Image-Turbo's scheduler shift (and the tiny model's)
 
 API_DESCRIPTION = (
-    "Generate images with Z-Image-Turbo. Arguments: prompt, negative_prompt (used only when "
-    "guidance > 0), width and height (multiples of 16 within the server's limits), steps, "
-    "guidance (0 = off, the Turbo default), seed (-1 = random), count (images; seeds s, s+1, ...). "
-    "Returns the gallery (the saved PNG files, parameters embedded) and a details dict with the "
-    "seeds actually used, stage timings, memory mode and device."
+    "Generate images with Z-Image-Turbo. Only the prompt is required; every other argument defaults to "
+    "the model preset's value. Arguments: prompt, negative_prompt (used only when guidance > 0), width "
+    "and height (multiples of 16 within the server's limits), steps, guidance (0 = off, the Turbo "
+    "default), seed (-1 = random), count (images; seeds s, s+1, ...), shift (the scheduler's time "
+    "shift, 1-10; 3 is the model's own). Returns the gallery (the saved PNG files, parameters "
+    "embedded) and a details dict with the seeds actually used, stage timings, memory mode and device."
 )
 
 
@@ -57,9 +63,9 @@ def load_examples(path: Path | None = None) -> list[dict[str, str]]:
     return [e for e in items if isinstance(e, dict) and isinstance(e.get("prompt"), str)]
 
 
-def _logo_svg() -> str:
+def _asset(name: str) -> str:
     try:
-        return (ASSETS / "logo.svg").read_text(encoding="utf-8")
+        return (ASSETS / name).read_text(encoding="utf-8")
     except OSError:
         return ""
 
@@ -74,18 +80,21 @@ def theme() -> gr.themes.Base:
         font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"],
     ).set(
         body_background_fill="*neutral_50",
+        body_background_fill_dark="*neutral_950",
         block_radius="14px",
         button_large_radius="12px",
     )
 
 
 def page_options() -> dict[str, Any]:
-    """Keyword arguments for gr.mount_gradio_app: theme, css, favicon."""
+    """Keyword arguments for gr.mount_gradio_app: theme, css, js, translations, favicon."""
     css = ASSETS / "studio.css"
     logo = ASSETS / "logo.svg"
     return {
         "theme": theme(),
         "css_paths": [css] if css.is_file() else [],
+        "js": _asset("studio.js") or None,
+        "i18n": gradio_i18n(),
         "favicon_path": str(logo) if logo.is_file() else None,
     }
 
@@ -102,13 +111,24 @@ class _Inputs:
     negative: gr.Textbox
     width: gr.Number
     height: gr.Number
-    steps: gr.Slider
+    steps: gr.Slider | gr.Number
     guidance: gr.Slider
     seed: gr.Number
-    count: gr.Slider
+    count: gr.Slider | gr.Number
+    shift: gr.Slider
 
     def as_list(self) -> list[gr.components.Component]:
-        return [self.prompt, self.negative, self.width, self.height, self.steps, self.guidance, self.seed, self.count]
+        return [
+            self.prompt,
+            self.negative,
+            self.width,
+            self.height,
+            self.steps,
+            self.guidance,
+            self.seed,
+            self.count,
+            self.shift,
+        ]
 
 
 def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
@@ -118,6 +138,7 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
     aspect0, tier0 = match_preset(w0, h0, studio.tiers, settings.min_size, settings.max_size)
     examples = load_examples()
     preset = engine.preset
+    logins = bool(getattr(settings, "auth", None) or getattr(settings, "auth_file", None))
 
     with gr.Blocks(
         title="zimage studio",
@@ -128,34 +149,32 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
         studio.blocks = demo
         last_seed = gr.State(-1)
         selected_params = gr.State({})
+        history_shown = gr.State(0)
+        client = gr.BrowserState("", storage_key="zimage-client")
 
         with gr.Row(elem_id="zi-header", equal_height=True):
-            gr.HTML(
-                f'<div class="zi-brand">{_logo_svg()}<div><h1>zimage <span>studio</span></h1>'
-                f"<p>{_e(preset.description or preset.name)}</p></div></div>",
-                elem_id="zi-brand",
-                scale=3,
-            )
-            banner = gr.HTML(render_banner(engine.status()), elem_id="zi-banner", scale=4)
+            gr.HTML(_header_html(preset, logins), elem_id="zi-brand", scale=3, min_width=200)
+            banner = gr.HTML(render_banner(engine.status()), elem_id="zi-banner", scale=4, min_width=200)
 
         with gr.Row(elem_id="zi-main", equal_height=False):
             # ---------------- the form
-            with gr.Column(scale=4, min_width=330, elem_id="zi-form"):
+            with gr.Column(scale=4, min_width=320, elem_id="zi-form"):
                 with gr.Group(elem_classes=["zi-card-group"]):
                     prompt = gr.Textbox(
-                        "",  # a default for API callers too: Client.predict("a cat", api_name="/generate")
-                        label="Prompt",
-                        placeholder="Describe the picture… (Enter generates, Shift+Enter adds a line)",
+                        value="",
+                        label=tr("prompt"),
+                        placeholder=tr("prompt_placeholder"),
                         lines=1,
                         max_lines=8,
                         autofocus=True,
                         elem_id="zi-prompt",
                         max_length=settings.max_prompt_chars,
                     )
+                    tokens = gr.HTML("", elem_id="zi-tokens")
                     negative = gr.Textbox(
-                        "",
-                        label="Negative prompt",
-                        placeholder="What to avoid",
+                        value="",
+                        label=tr("negative"),
+                        placeholder=tr("negative_placeholder"),
                         lines=1,
                         max_lines=4,
                         elem_id="zi-negative",
@@ -163,49 +182,49 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
                         **_neg_kwargs(studio.negative_state(0.0)),
                     )
                 with gr.Row(elem_id="zi-actions"):
-                    generate_btn = gr.Button("Generate", variant="primary", size="lg", elem_id="zi-generate", scale=3)
-                    cancel_btn = gr.Button("Cancel", variant="secondary", size="lg", elem_id="zi-cancel", scale=1)
+                    generate_btn = gr.Button(
+                        tr("generate"), variant="primary", size="lg", elem_id="zi-generate", scale=3
+                    )
+                    cancel_btn = gr.Button(tr("cancel"), variant="secondary", size="lg", elem_id="zi-cancel", scale=1)
                 cancel_note = gr.Markdown("", elem_id="zi-cancel-note")
 
                 with gr.Group(elem_classes=["zi-card-group"]):
                     aspect = gr.Radio(
                         [ratio_label(r) for r in ASPECT_RATIOS] + [CUSTOM],
                         value=aspect0,
-                        label="Aspect ratio",
+                        label=tr("aspect"),
                         elem_id="zi-aspect",
                     )
                     tier = gr.Radio(
                         list(studio.tiers),
                         value=tier0 if tier0 is not None else w0,
-                        label="Resolution (about N×N pixels)",
+                        label=tr("tier"),
                         elem_id="zi-tier",
                     )
                     with gr.Row():
-                        width = gr.Number(value=w0, label="Width", precision=0, step=16, elem_id="zi-width")
-                        height = gr.Number(value=h0, label="Height", precision=0, step=16, elem_id="zi-height")
+                        width = gr.Number(value=w0, label=tr("width"), precision=0, step=16, elem_id="zi-width")
+                        height = gr.Number(value=h0, label=tr("height"), precision=0, step=16, elem_id="zi-height")
                     size_md = gr.Markdown(size_note(w0, h0), elem_classes=["zi-size-note"])
 
                 with gr.Group(elem_classes=["zi-card-group"]):
                     seed = gr.Number(
                         value=-1,
-                        label="Seed",
-                        info="-1 picks a random seed; the seed actually used is shown with the result.",
+                        label=tr("seed"),
+                        info=tr("seed_info"),
                         precision=0,
                         minimum=-1,
                         maximum=SEED_MAX,
                         elem_id="zi-seed",
                     )
                     with gr.Row(elem_id="zi-seed-buttons"):
-                        random_btn = gr.Button("Random (-1)", size="sm", elem_id="zi-seed-random")
-                        reuse_btn = gr.Button("♻ Reuse last", size="sm", elem_id="zi-seed-reuse")
-                    steps = gr.Slider(
+                        random_btn = gr.Button(tr("seed_random"), size="sm", elem_id="zi-seed-random")
+                        reuse_btn = gr.Button(tr("seed_reuse"), size="sm", elem_id="zi-seed-reuse")
+                    steps = _whole_slider(
                         1,
                         settings.max_steps,
-                        value=settings.default_steps,
-                        step=1,
-                        precision=0,
-                        label="Steps",
-                        info=f"Z-Image-Turbo is distilled for {preset.default_steps} steps.",
+                        settings.default_steps,
+                        label=tr("steps"),
+                        info=tr("steps_info"),
                         elem_id="zi-steps",
                     )
                     guidance = gr.Slider(
@@ -213,30 +232,43 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
                         GUIDANCE_MAX,
                         value=0.0,
                         step=0.5,
-                        label="Guidance",
-                        info="0 = off, the Turbo default. Above 0 the negative prompt is used.",
+                        label=tr("guidance"),
+                        info=tr("guidance_info"),
                         elem_id="zi-guidance",
                     )
-                    count = gr.Slider(
+                    count = _whole_slider(
                         1,
                         settings.max_count,
-                        value=1,
-                        step=1,
-                        precision=0,
-                        label="Images",
-                        info="Seeds s, s+1, … (image i equals a single run with seed s+i).",
+                        1,
+                        label=tr("count"),
+                        info=tr("count_info"),
                         elem_id="zi-count",
+                    )
+                with gr.Accordion(tr("advanced"), open=False, elem_id="zi-advanced"):
+                    shift = gr.Slider(
+                        SHIFT_MIN,
+                        SHIFT_MAX,
+                        value=DEFAULT_SHIFT,
+                        step=0.5,
+                        label=tr("shift"),
+                        info=tr("shift_info"),
+                        elem_id="zi-shift",
+                    )
+                    preview_on = gr.Checkbox(
+                        value=True, label=tr("preview"), info=tr("preview_info"), elem_id="zi-preview-on"
                     )
 
             # ---------------- results, history, parameters
-            with gr.Column(scale=6, min_width=420, elem_id="zi-output"):
+            with gr.Column(scale=6, min_width=320, elem_id="zi-output"):
+                live = gr.HTML("", elem_id="zi-live")
+                queue_note = gr.HTML("", elem_id="zi-queue")
                 with gr.Tabs(elem_id="zi-tabs"):
-                    with gr.Tab("Result", id="result"):
+                    with gr.Tab(tr("tab_result"), id="result") as result_tab:
                         gallery = gr.Gallery(
-                            label="Result",
+                            label=tr("tab_result"),
                             show_label=False,
                             columns=2,
-                            height=500,
+                            height="auto",
                             object_fit="contain",
                             buttons=["download", "fullscreen"],
                             elem_id="zi-gallery",
@@ -244,43 +276,59 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
                         )
                         summary = gr.Markdown("", elem_id="zi-summary")
                         download = gr.File(
-                            label="Download PNG (parameters embedded)",
+                            label=tr("download"),
                             file_count="multiple",
                             visible=False,
                             elem_id="zi-download",
                         )
-                        with gr.Accordion("Details (JSON)", open=False):
+                        with gr.Accordion(tr("details_json"), open=False):
                             details = gr.JSON(label="Details", elem_id="zi-details")
-                    with gr.Tab("History", id="history") as history_tab:
-                        with gr.Row(equal_height=True):
-                            gr.Markdown(
-                                f"Saved outputs, newest first. Select one to see its parameters. {studio.space_note()}",
-                                elem_classes=["zi-hint"],
+                    with gr.Tab(tr("tab_history"), id="history") as history_tab:
+                        with gr.Row(equal_height=True, elem_id="zi-history-bar"):
+                            search = gr.Textbox(
+                                label=tr("history_search"),
+                                placeholder=tr("history_search_placeholder"),
+                                show_label=False,
+                                elem_id="zi-search",
+                                scale=3,
+                                min_width=160,
                             )
-                            refresh_btn = gr.Button("↻ Refresh", size="sm", scale=0, min_width=110)
+                            refresh_btn = gr.Button(tr("refresh"), size="sm", scale=0, min_width=90)
+                        history_line = gr.Markdown("", elem_id="zi-history-line")
+                        gr.Markdown(tr(studio.space_note_key()), elem_classes=["zi-hint"], elem_id="zi-space-note")
                         history = gr.Gallery(
-                            label="History",
+                            label=tr("tab_history"),
                             show_label=False,
-                            columns=5,
-                            height=460,
+                            columns=4,
+                            height="auto",
                             object_fit="cover",
                             buttons=["download", "fullscreen"],
                             elem_id="zi-history",
                         )
-                    with gr.Tab("Load a PNG", id="load"):
+                        more_btn = gr.Button(tr("load_more"), size="sm", visible=False, elem_id="zi-more")
+                    with gr.Tab(tr("tab_load"), id="load") as load_tab:
                         dropped = gr.File(
-                            label="Drop a PNG made by zimage here to load its settings",
+                            label=tr("drop"),
                             file_types=[".png"],
                             type="filepath",
-                            height=180,
+                            height=140,
                             elem_id="zi-drop",
                         )
+                        dropped_image = gr.Image(
+                            label=tr("dropped_image"),
+                            type="filepath",
+                            interactive=False,
+                            visible=False,
+                            height=320,
+                            elem_id="zi-dropped",
+                        )
                 with gr.Group(elem_id="zi-params"):
-                    params_md = gr.Markdown(
-                        "Select an image (result or history) to see its parameters.", elem_id="zi-params-md"
-                    )
+                    params_md = gr.Markdown(tr("params_hint"), elem_id="zi-params-md")
                     with gr.Row(elem_id="zi-params-actions"):
-                        use_btn = gr.Button("Use these settings", size="sm", scale=0, min_width=170, elem_id="zi-use")
+                        use_btn = gr.Button(tr("use_settings"), size="sm", scale=0, min_width=150, elem_id="zi-use")
+                        delete_btn = gr.Button(
+                            tr("delete"), size="sm", scale=0, min_width=90, variant="stop", elem_id="zi-delete"
+                        )
 
                 if examples:
                     gr.Examples(
@@ -292,88 +340,217 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
                     )
 
             # ---------------- the live profiler
-            with gr.Column(scale=3, min_width=290, elem_id="zi-side"):
-                gr.HTML('<div class="zi-side-title">Live profiler</div>', elem_id="zi-side-head")
+            with gr.Column(scale=3, min_width=280, elem_id="zi-side"):
+                gr.HTML(f'<div class="zi-side-title">{bilingual("side_title")}</div>', elem_id="zi-side-head")
                 profiler = gr.HTML(render_profiler(engine.status()), elem_id="zi-profiler")
 
-        inputs = _Inputs(prompt, negative, width, height, steps, guidance, seed, count)
-        form_outputs = [*inputs.as_list(), aspect, tier]
+        inputs = _Inputs(prompt, negative, width, height, steps, guidance, seed, count, shift)
+        form = [*inputs.as_list(), aspect, tier]
+        run_outputs = [gallery, details, live, summary, download, last_seed, cancel_note]
 
-        # one job per replica at a time across every listener: one concurrency group, and the pool behind it
-        gen_event = gr.on(
+        # The page's Generate: a run followed with previews; pressing again queues the next run.
+        # Both GPU listeners share one concurrency group of limit 1 (and the engine's lock).
+        ui_event = gr.on(
             triggers=[generate_btn.click, prompt.submit],
-            fn=studio.generate,
+            fn=studio.generate_ui,
+            inputs=[*inputs.as_list(), preview_on, client],
+            outputs=run_outputs,
+            concurrency_id=GPU_QUEUE,
+            concurrency_limit=engine.concurrency,
+            show_progress="hidden",
+            trigger_mode="multiple",
+            api_visibility="private",
+            # raw values reach the engine, whose validation names the field, the value and what is
+            # allowed (Gradio's own bounds check says only "Value 100 is greater than maximum value 8")
+            preprocess=False,
+        )
+        # The API: every argument but the prompt optional (the components' values are the defaults).
+        api_trigger = gr.Button(visible=False, elem_id="zi-api")
+        api_trigger.click(
+            studio.generate,
             inputs=inputs.as_list(),
             outputs=[gallery, details],
             api_name="generate",
             api_description=API_DESCRIPTION,
             concurrency_id=GPU_QUEUE,
             concurrency_limit=engine.concurrency,
-            show_progress="full",
-            show_progress_on=[gallery],
-            # raw values reach the engine, whose validation names the field, the value and what is
-            # allowed (Gradio's own bounds check says only "Value 100 is greater than maximum value 8")
             preprocess=False,
         )
-        gen_event.success(
-            studio.after_generate,
-            inputs=[details],
-            outputs=[last_seed, summary, download, cancel_note],
+        studio.ui_fn_ids = {ui_event["id"]}
+        history_open = gr.State(False)
+        ui_event.then(  # your new image shows in History at once when you are looking at it
+            studio.history_if_open,
+            inputs=[search, history_shown, history_open],
+            outputs=[history, history_line, history_shown, more_btn],
             queue=False,
             api_visibility="private",
         )
         cancel_btn.click(
             studio.cancel,
             outputs=[cancel_note],
-            cancels=[gen_event],
             queue=False,
             api_name="cancel",
-            api_description="Cancel the job of this session (client); other sessions' jobs go on.",
+            api_description="Cancel this session's (client's) jobs: the running one stops within a step, "
+            "waiting ones leave the queue. Other sessions' jobs go on.",
         )
-
-        aspect.input(
-            studio.pick_preset, [aspect, tier], [width, height, size_md], queue=False, api_visibility="private"
-        )
-        tier.input(studio.pick_preset, [aspect, tier], [width, height, size_md], queue=False, api_visibility="private")
-        for box in (width, height):
-            box.input(studio.custom_size, [width, height], [aspect, size_md], queue=False, api_visibility="private")
-        guidance.change(studio.negative_state, [guidance], [negative], queue=False, api_visibility="private")
-        random_btn.click(lambda: -1, outputs=[seed], queue=False, api_visibility="private")
-        reuse_btn.click(lambda s: s, inputs=[last_seed], outputs=[seed], queue=False, api_visibility="private")
-
-        for g in (gallery, history):
-            g.select(
-                studio.select_image,
-                outputs=[selected_params, params_md],
-                queue=False,
-                api_visibility="private",
-            )
-        use_btn.click(studio.use_settings, [selected_params], form_outputs, queue=False, api_visibility="private")
-        dropped.upload(
-            studio.load_png,
-            [dropped],
-            [selected_params, params_md, *form_outputs],
+        demo.unload(studio.page_closed)
+        # a reload: the form and last result at once (off the queue); a run still going is followed
+        following = gr.State("")
+        demo.load(
+            studio.restore,
+            inputs=[client],
+            outputs=[client, *run_outputs, *form, following],
             queue=False,
+            show_progress="hidden",
             api_visibility="private",
         )
-        # Read from disk when looked at (Gradio hashes and copies every file it shows into its
-        # cache, so the history is not refreshed after every run nobody is watching).
-        for trigger in (history_tab.select, refresh_btn.click):
-            trigger(studio.history, outputs=[history], queue=False, api_visibility="private")
+        following.change(
+            studio.follow,
+            inputs=[following],
+            outputs=run_outputs,
+            concurrency_limit=None,
+            show_progress="hidden",
+            api_visibility="private",
+        )
+
+        _wire_form(studio, inputs, aspect, tier, size_md, last_seed, random_btn, reuse_btn, tokens)
+        _wire_images(
+            studio,
+            gallery,
+            history,
+            selected_params,
+            params_md,
+            use_btn,
+            delete_btn,
+            dropped,
+            dropped_image,
+            form,
+            search,
+            history_shown,
+            history_line,
+            more_btn,
+            history_tab,
+            refresh_btn,
+        )
+        history_tab.select(lambda: True, outputs=[history_open], queue=False, api_visibility="private")
+        for tab in (result_tab, load_tab):
+            tab.select(lambda: False, outputs=[history_open], queue=False, api_visibility="private")
 
         # live panel: queue=False so it answers while the GPU is busy
         timer = gr.Timer(1.0)
-        timer.tick(
-            studio.tick, outputs=[profiler, banner], queue=False, show_progress="hidden", api_visibility="private"
-        )
-        demo.load(
-            studio.tick, outputs=[profiler, banner], queue=False, show_progress="hidden", api_visibility="private"
-        )
+        for trigger in (timer.tick, demo.load):
+            trigger(
+                studio.tick,
+                outputs=[profiler, banner, queue_note],
+                queue=False,
+                show_progress="hidden",
+                api_visibility="private",
+            )
 
     demo.queue(max_size=settings.queue_size, api_open=False, default_concurrency_limit=1)
     return demo
 
 
+def _whole_slider(lo: int, hi: int, value: int, label: str, info: str, elem_id: str) -> gr.Slider | gr.Number:
+    """A slider of whole numbers; a fixed, read-only number when the settings leave one choice
+    (max_count 1, max_steps 1): Gradio refuses a slider whose minimum equals its maximum."""
+    if lo >= hi:
+        text = t("en", info.key) if hasattr(info, "key") else str(info)  # a rare setting: said in English
+        return gr.Number(
+            value=lo,
+            precision=0,
+            interactive=False,
+            label=label,
+            info=f"{text} This server allows only {lo}.",
+            elem_id=elem_id,
+        )
+    return gr.Slider(lo, hi, value=value, step=1, precision=0, label=label, info=info, elem_id=elem_id)
+
+
+def _wire_form(studio, inputs, aspect, tier, size_md, last_seed, random_btn, reuse_btn, tokens) -> None:
+    private = {"queue": False, "api_visibility": "private"}
+    width, height = inputs.width, inputs.height
+    aspect.input(studio.pick_preset, [aspect, tier], [width, height, size_md], **private)
+    tier.input(studio.pick_preset, [aspect, tier], [width, height, size_md], **private)
+    for box in (width, height):
+        box.input(studio.custom_size, [width, height], [aspect, size_md], **private)
+    inputs.guidance.change(studio.negative_state, [inputs.guidance], [inputs.negative], **private)
+    random_btn.click(lambda: -1, outputs=[inputs.seed], **private)
+    reuse_btn.click(lambda s: s, inputs=[last_seed], outputs=[inputs.seed], **private)
+    # the prompt's length in tokens, counted on the server with the model's tokenizer (one at a time)
+    inputs.prompt.change(
+        studio.tokens, [inputs.prompt], [tokens], trigger_mode="always_last", show_progress="hidden", **private
+    )
+
+
+def _wire_images(
+    studio,
+    gallery,
+    history,
+    selected_params,
+    params_md,
+    use_btn,
+    delete_btn,
+    dropped,
+    dropped_image,
+    form,
+    search,
+    history_shown,
+    history_line,
+    more_btn,
+    history_tab,
+    refresh_btn,
+) -> None:
+    private = {"queue": False, "api_visibility": "private"}
+    for g in (gallery, history):
+        g.select(studio.select_image, outputs=[selected_params, params_md], **private)
+    use_btn.click(studio.use_settings, [selected_params], form, **private)
+    dropped.upload(studio.load_png, [dropped], [selected_params, params_md, dropped_image, *form], **private)
+    history_outputs = [history, history_line, history_shown, more_btn]
+    # Read from disk when looked at (Gradio hashes and copies every file it shows into its cache):
+    # on opening the tab, a search, "load more", and after your own run while the tab is open.
+    reset = gr.State(0)
+    history_tab.select(
+        studio.history, [search, reset], history_outputs, js="() => { window.ziHistoryOpen = true; }", **private
+    )
+    for trigger in (refresh_btn.click, search.submit):
+        trigger(studio.history, [search, reset], history_outputs, **private)
+    more_btn.click(studio.more_history, [search, history_shown], history_outputs, **private)
+    # asked once, in the browser; the answer travels as a value of its own (a State cannot be
+    # changed by the browser)
+    answer = gr.Textbox(visible=False, elem_id="zi-delete-answer")
+    delete_btn.click(
+        studio.delete_image,
+        [selected_params, search, history_shown, answer],
+        [selected_params, params_md, *history_outputs],
+        js="(p, q, n, a) => [p, q, n, window.ziConfirmDelete && window.ziConfirmDelete() ? 'yes' : 'no']",
+        **private,
+    )
+
+
 def _neg_kwargs(update: dict[str, Any]) -> dict[str, Any]:
-    """Initial Textbox kwargs from a gr.update dict (so the first render matches later updates)."""
-    return {k: v for k, v in update.items() if k in ("interactive", "info", "elem_classes")}
+    """Initial Textbox kwargs from a gr.update dict (so the first render matches later updates), the
+    info in the browser's language."""
+    kwargs = {k: v for k, v in update.items() if k in ("interactive", "elem_classes")}
+    kwargs["info"] = tr("negative_inactive")
+    return kwargs
+
+
+def bilingual(key: str) -> str:
+    """Static HTML in both languages; the stylesheet shows the one of the page's language."""
+    return f'<span class="zi-en">{_e(t("en", key))}</span><span class="zi-zh">{_e(t("zh-CN", key))}</span>'
+
+
+def _header_html(preset: Any, logins: bool) -> str:
+    """The brand, and the tools at its right: language, light/dark, and log out when logins are on
+    (Gradio's own /logout). The buttons work through static/studio.js."""
+    tools = (
+        '<button id="zi-lang" class="zi-tool" title="English / 简体中文">中文 / EN</button>'
+        f'<button id="zi-theme" class="zi-tool" title="{_e(t("en", "theme"))}">◐</button>'
+    )
+    if logins:
+        tools += f'<a id="zi-logout" class="zi-tool" href="logout">{bilingual("logout")}</a>'
+    return (
+        f'<div class="zi-brand">{_asset("logo.svg")}<div class="zi-title"><h1>zimage <span>studio</span></h1>'
+        f'<p>{_e(preset.description or preset.name)}</p></div><div class="zi-tools">{tools}</div></div>'
+    )

@@ -160,6 +160,10 @@ class WebServer:
     """The engine, the operations and the page, behind one FastAPI app."""
 
     def __init__(self, settings: Settings, users: list[tuple[str, str]] | None = None, engine: Any = None):
+        from zimage.ops.operations import Operations, prepare_gradio_cache
+
+        prepare_gradio_cache(settings.gradio_cache_dir)  # zimage's own Gradio cache, before Gradio loads
+
         from zimage.service.engine import Engine
 
         self.settings = settings
@@ -167,7 +171,6 @@ class WebServer:
         check_outputs_dir(settings.outputs_dir, settings.config, settings.auth_file)
         check_admins(settings, self.users)
         self.engine = engine if engine is not None else Engine(settings)
-        from zimage.ops.operations import Operations
         from zimage.web.page import build_ui  # Gradio: imported while the model loads (see run)
 
         self.ops = Operations(self.engine, settings, self.request_exit)
@@ -194,6 +197,7 @@ class WebServer:
         from fastapi.responses import JSONResponse, Response
         from prometheus_client import CONTENT_TYPE_LATEST
 
+        from zimage.web.api import ApiDefaults
         from zimage.web.page import page_options
 
         s = self.settings
@@ -214,6 +218,7 @@ class WebServer:
 
         app = FastAPI(title="zimage", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
         app.add_middleware(_Watch, on_refused=self._queue_refused, on_file=self._file_served)
+        app.add_middleware(ApiDefaults, blocks=self.blocks)  # REST calls may leave out all but the prompt
         self.access = Access(engine.store, self.users, s.admins)
         # outermost: nothing reaches a route (ours or Gradio's) before the gate has looked at it
         app.add_middleware(Gate, policy=GatePolicy(self.access, s, lambda: self._gradio_app, AUTH_MESSAGE))
@@ -271,6 +276,9 @@ class WebServer:
             return {"ready": False, "reason": "shutting down: no new jobs"}, 503
         load = engine.timeline.snapshot()
         if engine.ready:
+            storage = engine.storage()
+            if not storage.ok:  # honest: new jobs are refused, or their images cannot be saved
+                return {"ready": False, "reason": storage.reason, "outputs_free_bytes": storage.free_bytes}, 503
             st = engine.status()
             speed = st["speed"]
             return {
@@ -283,6 +291,7 @@ class WebServer:
                 "device": st["device_name"] or st["device"],
                 "memory_mode": st["memory_mode"],
                 "load_seconds": load["ready_at_s"],
+                "outputs_free_bytes": storage.free_bytes,
             }, 200
         if engine.load_error:
             return {"ready": False, "reason": f"the model failed to load: {engine.load_error}", "load": load}, 503
@@ -492,4 +501,9 @@ def run(settings: Settings) -> int:
     # build below overlap its weight reads.
     engine = Engine(settings)
     engine.start_loading()
-    return create_app(settings, users, engine).serve()
+    try:
+        server = create_app(settings, users, engine)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return server.serve()
