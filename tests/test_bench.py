@@ -16,6 +16,9 @@ pytestmark = pytest.mark.slow  # python -m zimage bench in a subprocess
 
 
 def test_bench_run_writes_rows_and_table(tmp_path):
+    """Engine-only rows and a row through the real app (app.py, gradio_client), with the tiny
+    model's architecture on the CPU; the app row also shows the start order: the model load
+    begins before Gradio is imported and the page is built."""
     cfgs = json.loads(CONFIGS.read_text())
     cfgs["transformer/config.json"] = dict(_class_name="ZImageTransformer2DModel", **tiny.TRANSFORMER_CONFIG)
     cfgs["text_encoder/config.json"] = dict(tiny.TEXT_ENCODER_CONFIG, vocab_size=16384, model_type="qwen3")
@@ -32,7 +35,7 @@ def test_bench_run_writes_rows_and_table(tmp_path):
             "--model",
             str(model),
             "--rows",
-            "plain-warm,zimage-warm",
+            "plain-warm,zimage-warm,app-warm",
             "--size",
             "128",
             "--runs",
@@ -57,4 +60,11 @@ def test_bench_run_writes_rows_and_table(tmp_path):
         assert row["start_to_ready_s"] > 0 and row["warm_median_s"] > 0 and row["first_image_s"] > 0
     assert ours["memory_mode"] == "cpu" and ours["with_saving"]["request_to_png_alone_s"] > 0
     assert [s["name"] for s in ours["load_timeline"]][:2] == ["find model", "import torch"]
-    assert "| zimage-warm |" in proc.stdout and "| plain-warm |" in proc.stdout
+    assert "| zimage-warm |" in proc.stdout and "| plain-warm |" in proc.stdout and "| app-warm |" in proc.stdout
+    app = results["rows"]["app-warm"]
+    assert "error" not in app, app.get("error")
+    assert 0 < app["page_up_s"] and 0 < app["ready_s"] <= app["first_image_s"] <= app["full_speed_s"]
+    assert app["ready_body"]["status"] == "ready (full speed)" and app["ready_body"]["compile"] == "eager-only"
+    assert app["warm_latency_median_s"] > 0 and len(app["images"]) >= 1 and app["exit_code"] == 0
+    stages = {s["name"]: s for s in app["load_timeline"]}
+    assert stages["import torch"]["start_s"] < app["page_built_s"]  # the load began before the page build

@@ -81,13 +81,16 @@ def test_regional_compile_matches_plain_pipeline(make_settings, references, tmp_
 
     torch._dynamo.reset()
     engine = Engine(make_settings(compile="regional", compile_cache_dir=str(tmp_path / "inductor")))
-    engine.load()
+    engine.load()  # ready on the eager path; the blocks compile beside
+    assert engine.compiler.wait(900) and engine.compiler.state == "live", engine.compiler.error
     assert any("compiled" in n for n in engine.notes)
     for w, h, g, neg in CASES:
-        got = engine.generate(
+        result = engine.generate(
             GenerationRequest(PROMPT, negative_prompt=neg, width=w, height=h, steps=8, guidance=g, seed=1234),
             save=False,
-        ).images[0]
+        )
+        assert result.compute_path == "compiled"
+        got = result.images[0]
         diff = np.abs(pixels(got) - pixels(references[(w, h, g)]))
         assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
     from torch._dynamo.utils import counters

@@ -1,4 +1,4 @@
-"""`python -m zimage serve|generate|bench|doctor`.
+"""`python -m zimage serve|generate|warmup|bench|doctor`.
 
 Bad input exits with code 2 and one clear line; a model that cannot be found exits with 3;
 a failure while generating exits with 1. Never a traceback for the user's mistakes.
@@ -63,6 +63,12 @@ def build_parser(prog: str = "python -m zimage") -> argparse.ArgumentParser:
     )
     add_arguments(p_gen)
 
+    p_warm = sub.add_parser(
+        "warmup",
+        help="Build the compile artifacts ahead (e.g. in an image build), so starts load them instead of compiling.",
+    )
+    add_arguments(p_warm)
+
     p_bench = sub.add_parser("bench", help="Benchmark loading and generation (GPU machine).")
     p_bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="Arguments for the benchmark (see bench --help).")
 
@@ -100,10 +106,16 @@ def main(argv: list[str] | None = None) -> int:
         # serve: one line per request on stdout, for Supervisor's log; generate keeps stdout for its results
         stream=sys.stdout if ns.command == "serve" else sys.stderr,
     )
+    if ns.command in ("serve", "generate", "warmup"):
+        from zimage.model.early import start
+
+        start(settings)  # side threads: library readahead, torch's CUDA library, the CUDA context
     if ns.command == "serve":
         from zimage.web.server import run
 
         return run(settings)
+    if ns.command == "warmup":
+        return _warmup(settings)
     if ns.command == "generate":
         return _generate(ns, settings)
     if ns.command == "doctor":
@@ -122,6 +134,9 @@ def _generate(ns: argparse.Namespace, settings: Settings) -> int:
     from zimage.service.request import GenerationRequest, validate
     from zimage.service.store import write_png, write_problem
 
+    # One run from the command line: a compile would cost more than it saves, unless asked for.
+    if settings.compile == "auto":
+        settings = settings.replace(compile="off")
     # Validate what the user typed before paying for the model.
     # one image, one pipeline: 'auto' would load a replica on every GPU for a single run
     replicas = "1" if settings.replicas == "auto" else settings.replicas
@@ -167,6 +182,8 @@ def _generate(ns: argparse.Namespace, settings: Settings) -> int:
         engine.load()
         if engine.runner is not None and engine.runner.loras is not None:  # the replica's library: the files named here
             engine.runner.loras.extra.update(engine.loras.extra)
+        if engine.compiler is not None:  # --compile asked for: run on the compiled blocks
+            engine.compiler.wait()
         result = engine.generate(request, save=False)
     except ModelNotFound as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -220,6 +237,44 @@ def _generate(ns: argparse.Namespace, settings: Settings) -> int:
         print(
             f"image ready {t.gpu_total:.3f}s after the request; model ready {engine.timeline.ready_at:.1f}s after start"
         )
+    return 0
+
+
+def _warmup(settings: Settings) -> int:
+    """Load, compile, save the compile artifacts and the import manifest; say what was written."""
+    from zimage.errors import ModelNotFound, ZImageError
+    from zimage.model.early import manifest_path
+    from zimage.service.engine import Engine
+
+    engine = Engine(settings.replace(warmup=True))
+    try:
+        engine.load()
+    except ModelNotFound as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_NO_MODEL
+    except ZImageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    compiler = engine.compiler
+    print(f"model {engine.source.name} on {engine.model.device_name}, memory mode {engine.plan.mode}")
+    if compiler is None:
+        print(
+            f"compile is off here (compile={settings.compile}, mode {engine.plan.mode}): no compile artifacts to build"
+        )
+    else:
+        compiler.wait()
+        snap = compiler.snapshot()
+        if compiler.state != "live":
+            print(f"error: the compile failed: {compiler.error}", file=sys.stderr)
+            return EXIT_FAILED
+        if compiler.saved:
+            print(f"wrote {compiler.saved} (compiled in {snap['seconds']:.1f}s)")
+        elif snap["artifacts"] == "loaded":
+            print(f"up to date: the compile artifacts were already there ({compiler.artifacts.detail})")
+        else:
+            print("compiled, but the compile backend made no artifacts to save")
+    engine.shutdown(5)
+    print(f"wrote {manifest_path(settings.compile_cache_dir)} (files the next start reads ahead)")
     return 0
 
 

@@ -156,14 +156,10 @@ def _text_encoder_entries(entries: dict, folder: Path, trim: bool) -> dict:
 
 
 def _component_class(index: dict[str, Any], comp: str):
+    from zimage.model.imports import import_class
+
     library, class_name = index[comp]
-    if library == "transformers":
-        import transformers
-
-        return getattr(transformers, class_name)
-    import diffusers
-
-    return getattr(diffusers, class_name)
+    return import_class(library, class_name)
 
 
 def _empty_component(cls, folder: Path):
@@ -173,11 +169,29 @@ def _empty_component(cls, folder: Path):
         config = cls.load_config(folder)
         with init_empty_weights():
             return cls.from_config(config)
-    from transformers import AutoConfig
+    config_class = getattr(cls, "config_class", None)
+    if config_class is None:  # not a transformers PreTrainedModel we know: ask the auto mapping
+        from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(folder)
+        config_class = AutoConfig
+    config = config_class.from_pretrained(folder)
     with init_empty_weights():
         return cls(config)
+
+
+def load_tokenizer(folder: Path):
+    """The tokenizer class its tokenizer_config.json names, from its own module when known."""
+    from zimage.model.imports import MODULES, import_class
+
+    try:
+        name = json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError):
+        name = None
+    if name and ("transformers", name) in MODULES:
+        return import_class("transformers", name).from_pretrained(folder)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def trim_text_encoder(module) -> None:
@@ -254,43 +268,6 @@ class LoadOptions:
             parallel=s.parallel_loading,
             trim=s.trim_text_encoder,
         )
-
-
-def prefetch_hint(source: ModelSource, budget_fraction: float = 0.4) -> threading.Thread | None:
-    """Ask the kernel to start reading the weight files now (readahead), before torch is even
-    imported, so a cold disk is busy from the first second. Budgeted to a share of free RAM so
-    that the pages are still cached when the readers get to them."""
-    if not hasattr(os, "posix_fadvise"):
-        return None
-    try:
-        import psutil
-
-        budget = int(psutil.virtual_memory().available * budget_fraction)
-    except Exception:  # noqa: BLE001
-        budget = 8 << 30
-    files = []
-    for comp in ("text_encoder", "transformer", "vae"):  # the order the readers need them
-        files += sorted((source.path / comp).glob("*.safetensors"))
-
-    def run() -> None:
-        left = budget
-        for path in files:
-            if left <= 0:
-                break
-            try:
-                size = path.stat().st_size
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.posix_fadvise(fd, 0, min(size, left), os.POSIX_FADV_WILLNEED)
-                finally:
-                    os.close(fd)
-                left -= size
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=run, name="readahead", daemon=True)
-    thread.start()
-    return thread
 
 
 class WeightLoad:
@@ -404,26 +381,30 @@ def load_components(
     progress: Callable[[str, float], None] | None = None,
     pin_offloaded: bool = False,
     pending: WeightLoad | None = None,
+    marks: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """transformer, text_encoder, vae, tokenizer, scheduler: weights where `placement` says.
 
     Components placed on "cpu" while a GPU exists are to be streamed or offloaded; with
     pin_offloaded their weights land in pinned host memory so that copies run at DMA speed.
-    `pending` is a WeightLoad already started (to overlap reading with imports).
+    `pending` is a WeightLoad already started (to overlap reading with imports). `marks` gets
+    the seconds of each step (tokenizer, empty modules, waiting for the reads, assigning).
     """
+    marks = {} if marks is None else marks
+    t = time.perf_counter()
     index = read_model_index(source.path)
     import torch
-    from transformers import AutoTokenizer
 
     folder = source.path
-    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    tokenizer = load_tokenizer(folder / "tokenizer")
     scheduler = _component_class(index, "scheduler").from_pretrained(folder / "scheduler")
+    marks["tokenizer+scheduler"] = time.perf_counter() - t
     modules: dict[str, Any] = {}
 
     if opts.loader == "fast":
         try:
             pending = pending or WeightLoad(source, placement, opts, progress, pin_offloaded).start()
-            modules = _assemble_fast(index, folder, pending, placement, opts)
+            modules = _assemble_fast(index, folder, pending, placement, opts, marks)
         except Exception as exc:  # noqa: BLE001 - fall back to the library loader, loudly
             log.warning("fast loader failed (%s: %s); falling back to from_pretrained", type(exc).__name__, exc)
             modules = {}
@@ -450,15 +431,22 @@ def load_components(
     return modules
 
 
-def _assemble_fast(index, folder: Path, pending: WeightLoad, placement, opts: LoadOptions) -> dict[str, Any]:
+def _assemble_fast(
+    index, folder: Path, pending: WeightLoad, placement, opts: LoadOptions, marks: dict[str, float]
+) -> dict[str, Any]:
     """Build each component empty (meta weights) while the reads run, then hand it the tensors."""
+    t = time.perf_counter()
     empties: dict[str, Any] = {}
     for comp in COMPONENTS:
         module = _empty_component(_component_class(index, comp), folder / comp)
         if comp == "text_encoder" and opts.trim:
             trim_text_encoder(module)
         empties[comp] = module
+    marks["empty modules"] = time.perf_counter() - t
+    t = time.perf_counter()
     states = dict(pending.wait())
+    marks["wait for reads"] = time.perf_counter() - t
+    t = time.perf_counter()
     out = {}
     for comp in COMPONENTS:
         module = empties[comp]
@@ -475,11 +463,14 @@ def _assemble_fast(index, folder: Path, pending: WeightLoad, placement, opts: Lo
                 f"(missing {persistent_missing[:3]}, unexpected {unexpected[:3]})"
             )
         out[comp] = _finish(module, opts.dtype, placement[comp])
+    marks["assign"] = time.perf_counter() - t
     return out
 
 
 def assemble(modules: dict[str, Any]):
-    from diffusers import ZImagePipeline
+    from zimage.model.imports import import_class
+
+    ZImagePipeline = import_class("diffusers", "ZImagePipeline")  # noqa: N806 - a class
 
     pipe = ZImagePipeline(
         scheduler=modules["scheduler"],
@@ -498,7 +489,6 @@ __all__ = [
     "LoadOptions",
     "ModelNotFound",
     "WeightLoad",
-    "prefetch_hint",
     "ModelSource",
     "assemble",
     "footprint",

@@ -45,6 +45,7 @@ class LoadedModel:
     device_name: str
     dtype: Any
     notes: list[str] = field(default_factory=list)  # what is in effect (compile, backend, mode hooks)
+    compile_mode: str = "off"  # what the compile beside serving builds ("off": eager only)
 
     @property
     def dtype_name(self) -> str:
@@ -88,27 +89,39 @@ def plan_memory(settings: Settings, fp: Footprint, device: str, hw: Hardware | N
     return choose_mode(hw, fp, settings.memory_mode)
 
 
-def load_model(settings: Settings, tl: LoadTimeline) -> LoadedModel:
-    """Run the load sequence, recording each stage on the timeline (the banner and /ready show it)."""
+def prepare_process(settings: Settings) -> None:
+    """Environment that torch reads when it is imported: the allocator and the compile caches."""
     from zimage.model import speed
-    from zimage.model.loading import WeightLoad, prefetch_hint
+
+    if settings.cuda_alloc_conf:
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", settings.cuda_alloc_conf)
+    speed.prepare_compile_cache(settings)
+
+
+def load_model(settings: Settings, tl: LoadTimeline) -> LoadedModel:
+    """Run the load sequence, recording each stage on the timeline (the banner and /ready show it).
+
+    The blocks are not compiled here: the model is ready on the eager path, and the compile runs
+    beside serving (zimage.model.compiler)."""
+    from zimage.model import early, speed
+    from zimage.model.loading import WeightLoad
 
     s = settings
-    # Before torch is imported: allocator and compile-cache settings are read at import.
-    if s.cuda_alloc_conf:
-        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", s.cuda_alloc_conf)
-    speed.prepare_compile_cache(s)
+    prepare_process(s)  # before torch is imported
+    side = early.start(s)  # no-op when the CLI started it at the first moment
 
     stage = tl.begin("find model")
     source = resolve_model(s)
     if s.loader == "fast":
-        prefetch_hint(source)  # the disk starts reading while Python imports
+        # the disk starts reading the weights while Python imports (after the libraries' readahead)
+        early.prefetch_weights(source, after=side.libraries_read)
     tl.end(stage, f"{source.kind}: {source.path}")
 
     stage = tl.begin("import torch")
+    early.wait_torch_libraries()
     import torch
 
-    tl.end(stage, f"torch {torch.__version__}")
+    tl.end(stage, f"torch {torch.__version__}; early: {side.summary()}")
 
     stage = tl.begin("plan memory")
     device, dtype = pick_device(s, torch)
@@ -122,6 +135,7 @@ def load_model(settings: Settings, tl: LoadTimeline) -> LoadedModel:
             apply_memory_fraction(s.memory_fraction, index)
     device = plan.execution_device
     device_name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "CPU"
+    early.warm_cuda(device)  # cuBLAS, cuDNN, attention: first calls beside the imports below
     tl.end(stage, plan.describe())
     log.info("memory mode %s", plan.describe())
 
@@ -133,13 +147,18 @@ def load_model(settings: Settings, tl: LoadTimeline) -> LoadedModel:
         pending = WeightLoad(source, plan.placement, opts, lambda _n, frac: tl.progress(frac), pin).start()
 
     stage = tl.begin("import libraries")
-    import diffusers
-    import transformers  # noqa: F401
+    from zimage.model.imports import import_libraries
 
-    tl.end(stage, f"diffusers {diffusers.__version__}" + (" (weights reading meanwhile)" if pending else ""))
+    _seconds, version = import_libraries()
+    tl.end(
+        stage,
+        f"diffusers {version}, model classes from their own modules"
+        + (" (weights reading meanwhile)" if pending else ""),
+    )
 
     stage = tl.begin("read weights")
     t0 = time.perf_counter()
+    marks: dict[str, float] = {}
     modules = load_components(
         source,
         plan.placement,
@@ -147,15 +166,17 @@ def load_model(settings: Settings, tl: LoadTimeline) -> LoadedModel:
         progress=lambda _name, frac: tl.progress(frac),
         pin_offloaded=pin,
         pending=pending,
+        marks=marks,
     )
     gib = fp.total / (1 << 30)
+    steps = ", ".join(f"{k} {v:.2f}s" for k, v in marks.items())
     if pending is not None and pending.finished:
         detail = (
             f"{gib:.2f} GiB read in {pending.seconds:.2f}s ({gib / max(pending.seconds, 1e-9):.2f} GiB/s), "
-            f"started {t0 - pending.started:.2f}s before this stage, beside the imports"
+            f"started {t0 - pending.started:.2f}s before this stage, beside the imports; {steps}"
         )
     else:
-        detail = f"{gib:.2f} GiB in {time.perf_counter() - t0:.2f}s with {s.loader} loader"
+        detail = f"{gib:.2f} GiB in {time.perf_counter() - t0:.2f}s with {s.loader} loader; {steps}"
     tl.end(stage, detail)
 
     stage = tl.begin("assemble pipeline")
@@ -167,8 +188,8 @@ def load_model(settings: Settings, tl: LoadTimeline) -> LoadedModel:
         notes.append("attention slicing: no effect for Z-Image (no component supports it; SDPA is memory-linear)")
     tl.end(stage, "; ".join(notes))
 
-    stage = tl.begin("compile setup")
-    speed_notes = speed.optimize(pipe, s, torch.device(device).type, plan.mode)
+    stage = tl.begin("speed setup")
+    speed_notes, mode = speed.prepare(pipe, s, torch.device(device).type, plan.mode)
     notes += speed_notes
-    tl.end(stage, ", ".join(speed_notes))
-    return LoadedModel(pipe, plan, source, device, device_name, dtype, notes)
+    tl.end(stage, ", ".join(speed_notes) + (f"; compile {mode} beside serving" if mode != "off" else ""))
+    return LoadedModel(pipe, plan, source, device, device_name, dtype, notes, compile_mode=mode)

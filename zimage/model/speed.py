@@ -1,5 +1,5 @@
-"""Speed switches applied once after loading: attention backend, regional compile with a
-persistent cache, VAE compile, and the warm-up requests that pay the compile before users do.
+"""Speed switches applied once after loading: the attention backend, the compile mode and its
+persistent caches (the compile itself runs beside serving: zimage.model.compiler).
 
 Every switch here is exact: it changes how the math runs, never what it computes.
 """
@@ -17,52 +17,8 @@ log = logging.getLogger(__name__)
 
 
 def exact_rope_processor():
-    """diffusers' Z-Image attention processor, minus one no-op.
-
-    The original wraps RoPE in ``torch.amp.autocast("cuda", enabled=False)``. zimage never runs
-    under autocast, so that context changes nothing here, but it puts an autocast node in the
-    compiled graph and AOTAutograd refuses to cache such graphs: every start re-ran AOT
-    compilation of the blocks even with the compile cache on disk. Same operations otherwise,
-    in the same order and dtypes (tests compare the pictures)."""
-    from diffusers.models.attention_dispatch import dispatch_attention_fn
-    from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
-
-    class ExactRopeAttnProcessor(ZSingleStreamAttnProcessor):
-        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
-            import torch
-
-            query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))
-            key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
-            value = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
-            if attn.norm_q is not None:
-                query = attn.norm_q(query)
-            if attn.norm_k is not None:
-                key = attn.norm_k(key)
-
-            def rope(x_in):
-                x = torch.view_as_complex(x_in.float().reshape(*x_in.shape[:-1], -1, 2))
-                return torch.view_as_real(x * freqs_cis.unsqueeze(2)).flatten(3).type_as(x_in)
-
-            if freqs_cis is not None:
-                query, key = rope(query), rope(key)
-            dtype = query.dtype
-            if attention_mask is not None and attention_mask.ndim == 2:
-                attention_mask = attention_mask[:, None, None, :]
-            hidden_states = dispatch_attention_fn(
-                query,
-                key,
-                value,
-                attn_mask=attention_mask,
-                dropout_p=0.0,
-                is_causal=False,
-                backend=self._attention_backend,
-                parallel_config=self._parallel_config,
-            )
-            hidden_states = hidden_states.flatten(2, 3).to(dtype)
-            output = attn.to_out[0](hidden_states)
-            if len(attn.to_out) > 1:
-                output = attn.to_out[1](output)
-            return output
+    """diffusers' Z-Image attention processor minus an autocast no-op (see zimage.model.processor)."""
+    from zimage.model.processor import ExactRopeAttnProcessor
 
     return ExactRopeAttnProcessor()
 
@@ -109,8 +65,10 @@ def pick_attention_backend(requested: str, device_type: str) -> str | None:
         return None
 
 
-def optimize(pipe: Any, settings: Settings, device_type: str, memory_mode: str) -> list[str]:
-    """Apply the speed switches; returns human-readable notes of what is in effect."""
+def prepare(pipe: Any, settings: Settings, device_type: str, memory_mode: str) -> tuple[list[str], str]:
+    """The switches that apply before the first job: the attention backend, and the exact RoPE
+    processor where the blocks will be compiled. Returns (notes, compile mode); the compile
+    itself runs beside serving (zimage.model.compiler)."""
     notes: list[str] = []
     backend = pick_attention_backend(settings.attention_backend, device_type)
     if backend:
@@ -125,33 +83,23 @@ def optimize(pipe: Any, settings: Settings, device_type: str, memory_mode: str) 
 
     mode = compile_mode(settings, device_type, memory_mode)
     if mode != "off":
-        import torch
-
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        # keep the processor's attention backend, then drop the autocast no-op (see exact_rope_processor)
+        # keep the processor's attention backend, then drop the autocast no-op (see processor.py)
         previous = pipe.transformer.layers[0].attention.processor
         processor = exact_rope_processor()
         processor._attention_backend = getattr(previous, "_attention_backend", None)
         install_processor(pipe.transformer, processor)
-        kwargs: dict[str, Any] = {"fullgraph": True, "dynamic": True}
-        if mode == "regional-max-autotune":
-            kwargs["mode"] = "max-autotune-no-cudagraphs"
-        pipe.transformer.compile_repeated_blocks(**kwargs)
-        notes.append(f"transformer blocks compiled ({mode}, dynamic shapes)")
-        if (
-            settings.compile_text_encoder
-            and device_type == "cuda"
-            and memory_mode in (MemoryMode.GPU, MemoryMode.MULTI_GPU)
-        ):
-            compile_text_encoder(pipe.text_encoder)
-            notes.append("text encoder layers compiled")
-        if settings.compile_vae and device_type == "cuda":
-            pipe.vae.to(memory_format=torch.channels_last)
-            pipe.vae.decoder.compile(dynamic=True)
-            notes.append("VAE decoder compiled (channels_last)")
     else:
         notes.append("no compile")
-    return notes
+    return notes, mode
+
+
+def describe_compile(mode: str, settings: Settings, device: str) -> str:
+    parts = [f"transformer blocks compiled ({mode}, dynamic shapes)"]
+    if device.startswith("cuda") and settings.compile_text_encoder:
+        parts.append("text encoder layers compiled")
+    if device.startswith("cuda") and settings.compile_vae:
+        parts.append("VAE decoder compiled (channels_last)")
+    return ", ".join(parts)
 
 
 def compile_text_encoder(text_encoder: Any) -> None:

@@ -40,6 +40,14 @@ class EngineMetrics:
         self.oom = Counter("zimage_oom", "CUDA out-of-memory errors met during requests.", registry=r)
         self.load_seconds = Gauge("zimage_model_load_seconds", "Process start to model ready, seconds.", registry=r)
         self.ready = Gauge("zimage_ready", "1 once the model is loaded and warmed.", registry=r)
+        self.full_speed = Gauge(
+            "zimage_full_speed", "1 once new jobs run at full speed (compiled blocks live, or no compile).", registry=r
+        )
+        self.jobs_by_path = Counter(
+            "zimage_jobs_by_path", "Finished jobs by the path that ran them: eager or compiled.", ["path"], registry=r
+        )
+        for p in ("eager", "compiled"):
+            self.jobs_by_path.labels(p)
         self.queue_depth = Gauge("zimage_queue_depth", "Jobs waiting for the GPU.", registry=r)
         self.running = Gauge("zimage_running_jobs", "Jobs running on the GPU (0 or 1).", registry=r)
         self.vram = Gauge(

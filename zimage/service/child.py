@@ -10,6 +10,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from zimage.errors import Cancelled, ZImageError
+from zimage.model.compiler import speed_of
 from zimage.service.replicas import LocalReplica
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -84,6 +85,7 @@ def child_main(name: str, settings: Settings, visible_devices: str | None, conn:
         "vram": _vram(m.device),
         "load": timeline.snapshot(),
         "pid": os.getpid(),
+        "speed": speed_of(replica.compiler, True),
     }
     send(("ready", info))
     _serve(name, settings, replica, metrics, conn, send, cancel)
@@ -123,6 +125,7 @@ def _serve(name, settings, replica, metrics, conn, send, cancel) -> None:
         try:
             result = replica.run(request, job, progress)
             reply = ("result", _payload(result, metrics, device))
+            reply[1]["speed"] = speed_of(replica.compiler, True)  # the compile beside, as of now
         except Cancelled as exc:
             reply = ("error", "Cancelled", str(exc) or "Cancelled.", None)
         except ZImageError as exc:
@@ -175,6 +178,7 @@ def _payload(result: Any, metrics: Any, device: str) -> dict[str, Any]:
         "model": result.model,
         "memory_mode": str(result.memory_mode),
         "device": result.device,
+        "compute_path": result.compute_path,
         "vram": _vram(device),
         "oom_total": metrics.registry.get_sample_value("zimage_oom_total") or 0.0,
         "exit_after": None,

@@ -43,6 +43,7 @@ from zimage.settings import Settings
 
 log = logging.getLogger(__name__)
 
+COMPILE_EXIT_WAIT_S = 30.0  # at shutdown, how long a compile still running may take to end
 Listener = Callable[["Engine", GenerationResult | None, BaseException | None], None]
 
 
@@ -82,6 +83,7 @@ class Engine:
         self._loading_lock = threading.Lock()
         self._images_made = 0
         self._handoffs = _Counter()
+        self.compile_backend: Any = "inductor"  # torch.compile backend of the compile beside (tests: cheaper)
         self.metrics.on_scrape(self._refresh_metrics)
 
     # --- what is loaded (None until then) -------------------------------------------------
@@ -174,15 +176,52 @@ class Engine:
             self.metrics.ready.set(1)
             mode = self._first_status().get("memory_mode")
             self.metrics.mode.labels(mode).set(1)
+            speed = self.speed_status()
+            self.metrics.full_speed.set(1 if speed.get("full_speed") else 0)
             self._ready.set()
-            log.info("model ready in %.1fs since process start (%s)", tl.ready_at, mode)
+            self._log_timeline()
+            log.info(
+                "model ready in %.1fs since process start (%s)%s",
+                tl.ready_at,
+                mode,
+                ""
+                if speed.get("full_speed")
+                else f", full speed in about {speed.get('eta_s') or 0:.0f}s (compiling beside)",
+            )
         except Exception as exc:
             tl.fail(str(exc) if isinstance(exc, ZImageError) else f"{type(exc).__name__}: {exc}")
             raise
 
     def _add_replicas(self, plan: Any) -> None:
         for replica in build_replicas(self.settings, plan, self.metrics, self.timeline, self._replica_changed):
+            if isinstance(replica, LocalReplica):
+                replica.compile_backend = self.compile_backend
+                replica.on_compile_done = self._compile_done
             self.pool.add(replica)
+
+    @property
+    def compiler(self) -> Any:
+        """The in-process replica's compile beside serving (zimage.model.compiler), or None."""
+        local = self.pool.replicas[0] if self.pool.replicas else None
+        return getattr(local, "compiler", None) if isinstance(local, LocalReplica) else None
+
+    def _compile_done(self, compiler: Any) -> None:
+        if compiler is None:
+            return  # nothing compiles: full speed from the start
+        self.metrics.full_speed.set(1 if self.speed_status().get("full_speed") else 0)
+        if compiler.state == "live":
+            self.model.notes.append(compiler.detail)
+        else:
+            self.model.notes.append(f"eager only: the compile failed ({compiler.error})")
+        self._log_timeline()
+
+    def _log_timeline(self) -> None:
+        """The load (and compile) timeline as one JSON line: the benchmark reads it from the log."""
+        import json
+
+        snap = self.timeline.snapshot()
+        data = {"ready_at_s": snap["ready_at_s"], "stages": snap["stages"], "speed": self.speed_status()}
+        log.info("load timeline %s", json.dumps(data))
 
     def _replica_changed(self, replica) -> None:
         """A child replica reported: its load progress (the banner shows the mean), or a new state."""
@@ -357,6 +396,7 @@ class Engine:
         self.metrics.latency.labels(replica).observe(t.gpu_total)
         self.metrics.queue_wait.observe(queue_wait)
         self.metrics.images.inc(len(result.images))
+        self.metrics.jobs_by_path.labels(result.compute_path).inc()
         self.metrics.replica_images.labels(replica).inc(len(result.images))
         self.metrics.stage.labels("text_encoder", replica).observe(t.text_encoder)
         self.metrics.stage.labels("denoise", replica).observe(t.denoise)
@@ -376,6 +416,8 @@ class Engine:
         # Every request gets its line, the ones that never ran too (invalid, refused while shutting
         # down or loading, cancelled in the queue); %s because an invalid request may hold any value.
         times = result.timings.summary() if result else f"error: {str(error)[:200]}"
+        if result is not None:
+            times = f"path {result.compute_path}, {times}"
         if result is not None and error is not None:
             times += f", save error: {str(error)[:200]}"
         log.info(
@@ -438,7 +480,37 @@ class Engine:
             "memory": memory_snapshot(),
             "last": self.recent.last(),
             "pending_writes": self.store.pending,
+            "speed": self.speed_status(replicas),
         }
+
+    def speed_phrase(self) -> str:
+        """'ready (full speed)', 'ready (full speed in about 12 s)' or why it stays eager."""
+        sp = self.speed_status()
+        if sp.get("full_speed"):
+            return "ready (full speed)"
+        if sp.get("state") == "failed":
+            return "ready (eager speed: the compile failed)"
+        eta = sp.get("eta_s")
+        return f"ready (full speed in about {eta:.0f} s)" if eta is not None else "ready (compiling)"
+
+    def speed_status(self, replicas: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Eager or compiled, and when full speed comes, over every replica: the banner and /ready
+        say it. Full speed once each ready replica's compiled blocks are live (or it compiles
+        nothing); the wait is the longest."""
+        compiler = self.compiler
+        if compiler is not None:
+            return compiler.snapshot()
+        rows = replicas if replicas is not None else (self.pool.status() if self.pool.replicas else [])
+        speeds = [r["speed"] for r in rows if r.get("speed") and r.get("state") in ("ready", "busy")]
+        if not speeds:
+            return {"state": "eager-only" if self.ready else "loading", "full_speed": self.ready, "eta_s": 0.0}
+        if all(sp.get("full_speed") for sp in speeds):
+            live = any(sp.get("state") == "live" for sp in speeds)
+            return {"state": "live" if live else "eager-only", "full_speed": True, "eta_s": 0.0}
+        if all(sp.get("state") in ("failed", "live", "eager-only") for sp in speeds):
+            return {"state": "failed", "full_speed": False, "eta_s": None}
+        etas = [sp.get("eta_s") for sp in speeds if sp.get("eta_s") is not None]
+        return {"state": "compiling", "full_speed": False, "eta_s": max(etas) if etas else None}
 
     # --- shutdown --------------------------------------------------------------------------
 
@@ -449,6 +521,8 @@ class Engine:
         finished = self.pool.drain(grace_s)
         if not self._handoffs.wait_idle(HANDOFF_WAIT_S):
             log.warning("shutdown: a finished job did not reach the PNG writer within %.0fs", HANDOFF_WAIT_S)
+        if self.compiler is not None:  # a compile cannot be stopped midway: let it end (bounded)
+            self.compiler.wait(min(grace_s, COMPILE_EXIT_WAIT_S))
         self.pool.close()
         self.store.close(wait=True)
         return finished

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from zimage.errors import Cancelled, NotReady, ShuttingDown
+from zimage.model.compiler import speed_of
 from zimage.service.jobs import Job
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -242,7 +243,7 @@ class ReplicaPool:
 # the in-process replica: the single-GPU default
 
 
-def warmup_requests(settings: Settings) -> list[GenerationRequest]:
+def warmup_requests(settings: Settings, steps: int = 2) -> list[GenerationRequest]:
     """One short generation per warm-up size (default: the preset's default size): pays for
     compiling, cuDNN/cuBLAS set-up and allocator growth before the first user does. Blocks are
     compiled with dynamic shapes, so other prompt lengths and sizes do not recompile."""
@@ -256,7 +257,7 @@ def warmup_requests(settings: Settings) -> list[GenerationRequest]:
     sizes = [parse_size(x) for x in settings.warmup_sizes.split(",") if x.strip()] or [(w, h)]
     limits = Limits.from_settings(settings)
     return [
-        validate(GenerationRequest(prompt=WARMUP_PROMPT, width=ww, height=hh, steps=2, seed=0), limits)
+        validate(GenerationRequest(prompt=WARMUP_PROMPT, width=ww, height=hh, steps=steps, seed=0), limits)
         for ww, hh in sizes
     ]
 
@@ -280,6 +281,11 @@ class LocalReplica:
         self.jobs_done = 0
         self.last_run: dict[str, Any] | None = None
         self.error: str | None = None
+        # The compile beside serving (zimage.model.compiler): its backend, the thread, who to tell.
+        self.compile_backend: Any = "inductor"
+        self.compiler: Any = None
+        self.on_compile_done: Callable[[Any], None] | None = None
+        self._gpu = threading.Lock()  # this replica's job, or the compile's run where memory is tight
 
     @property
     def state(self) -> str:
@@ -298,23 +304,48 @@ class LocalReplica:
             self.loras = LoraLibrary.from_settings(self.settings)
             self.runner = Runner(self.model, self.metrics, self.settings.real_length_prompt, loras=self.loras)
             self.model.notes += self.loras.attach(self.model.pipe, compiled=compiled(self.settings, self.model))
+            # Ready on the eager path; the compiled blocks build beside and go live between jobs.
+            from zimage.model.compiler import start_beside
+
+            warm = warmup_requests(self.settings)
+            self.compiler = start_beside(self, warm, lambda: [self.runner.run(r, Job(), None) for r in warm])
             if self.settings.warmup:
                 stage = self.timeline.begin("warm-up")
-                for req in warmup_requests(self.settings):
-                    self.runner.run(req, Job(), None)
-                self.timeline.end(stage)
+                for req in warmup_requests(self.settings, steps=1):
+                    with self._gpu, self._path(eager=True):
+                        self.runner.run(req, Job(), None)
+                self.timeline.end(stage, "eager path, 1 step")
+            if self.compiler is not None:
+                self.compiler.start(self.timeline.origin)  # no-op when it started beside the warm-up
         except BaseException as exc:
             self._state = FAILED
             self.error = str(exc)
             raise
         self._state = READY
+        if self.compiler is None:
+            self._compile_done(None)
+
+    def _path(self, eager: bool = False) -> contextlib.AbstractContextManager[str]:
+        """The path a job starting now runs on, kept for the whole job (see zimage.model.compiler)."""
+        from zimage.model.compiler import job_path
+
+        return job_path(self, eager)
+
+    def _compile_done(self, compiler: Any) -> None:
+        from zimage.model.early import write_manifest
+
+        write_manifest(self.settings.compile_cache_dir)  # the files the next start reads ahead
+        if self.on_compile_done is not None:
+            self.on_compile_done(compiler)
 
     def run(self, request: GenerationRequest, job: Job, progress: ProgressFn | None) -> GenerationResult:
         t0 = time.perf_counter()
         self._state = BUSY
         outcome = "error"
         try:
-            result = self.runner.run_with_fallback(request, job, progress)
+            with self._gpu, self._path() as path:
+                result = self.runner.run_with_fallback(request, job, progress)
+            result.compute_path = path
             outcome = "ok"
             self.jobs_done += 1
             return result
@@ -361,6 +392,7 @@ class LocalReplica:
             "restarts": 0,
             "error": self.error,
             "load": self.timeline.snapshot(),
+            "speed": speed_of(self.compiler, m is not None),
         }
 
     def close(self) -> None:

@@ -74,6 +74,7 @@ class GenerationResult:
     steps_asked: int | None = None  # set when load-aware steps ran fewer steps than asked
     paths: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # e.g. "retried with VAE tiling after OOM"
+    compute_path: str = "eager"  # "eager" or "compiled" (blocks), as zimage.model.compiler routed it
     # Images made but not written (disk full, read-only...): store.UnsavedImage, PNG bytes kept
     unsaved: list[Any] = field(default_factory=list)
     save_error: str | None = None  # the sentence that tells the user why they were not saved
@@ -174,6 +175,7 @@ class GenerationResult:
             "job": self.job_id,
             **self.toolbox(),
             "replica": self.replica,
+            "compute_path": self.compute_path,
             **self._load_aware(),
         }
 

@@ -249,6 +249,7 @@ class ProcessReplica:
 
         self.vram = payload.get("vram") or self.vram
         self.oom_total = payload.get("oom_total", self.oom_total)
+        self.info["speed"] = payload.get("speed") or self.info.get("speed")  # the child's compile beside
         return GenerationResult(
             request=request,
             images=[Image.fromarray(a) for a in payload["pixels"]],
@@ -259,6 +260,7 @@ class ProcessReplica:
             device=payload["device"],
             job_id=job.id,
             notes=payload["notes"],
+            compute_path=payload.get("compute_path", "eager"),
         )
 
     # --- failing and coming back ----------------------------------------------------------
@@ -349,6 +351,7 @@ class ProcessReplica:
             "start_s": None if self.started_s is None else round(self.started_s, 2),
             "error": self.error,
             "load": self.load,
+            "speed": info.get("speed"),  # as of the child's last report (ready, or its last job)
         }
 
 

@@ -279,10 +279,18 @@ def render_banner(status: dict[str, Any], lang: str = "en") -> str:
             f"<span>{_e(t(lang, 'b_wait'))}</span></div>"
         )
     device = status.get("device_name") or status.get("device")
+    speed = status.get("speed") or {}
+    if speed.get("full_speed", True):
+        pace = ""
+    elif speed.get("state") == "failed":
+        pace = " · " + t(lang, "b_eager_only")
+    else:
+        eta = speed.get("eta_s")
+        pace = " · " + (t(lang, "b_full_in", n=f"{eta:.0f}") if eta is not None else t(lang, "b_compiling"))
     return (
         f'<div class="zi-banner zi-banner-ready"><span class="zi-dot"></span><b>{_e(t(lang, "b_ready"))}</b> · '
         f"<span>{_e(status.get('model', ''))} {_e(t(lang, 'b_on'))} {_e(device)} · {_e(t(lang, 'c_mode'))} "
-        f"{_e(status.get('memory_mode'))}</span></div>"
+        f"{_e(status.get('memory_mode'))}{_e(pace)}</span></div>"
     )
 
 

@@ -159,22 +159,24 @@ class _Watch:
 class WebServer:
     """The engine, the operations and the page, behind one FastAPI app."""
 
-    def __init__(self, settings: Settings, users: list[tuple[str, str]] | None = None):
+    def __init__(self, settings: Settings, users: list[tuple[str, str]] | None = None, engine: Any = None):
         from zimage.ops.operations import Operations, prepare_gradio_cache
 
         prepare_gradio_cache(settings.gradio_cache_dir)  # zimage's own Gradio cache, before Gradio loads
 
         from zimage.service.engine import Engine
-        from zimage.web.page import build_ui
 
         self.settings = settings
         self.users = read_users(settings) if users is None else users
         check_outputs_dir(settings.outputs_dir, settings.config, settings.auth_file)
         check_admins(settings, self.users)
-        self.engine = Engine(settings)
+        self.engine = engine if engine is not None else Engine(settings)
+        from zimage.web.page import build_ui  # Gradio: imported while the model loads (see run)
+
         self.ops = Operations(self.engine, settings, self.request_exit)
         self.blocks = build_ui(self.engine, self.ops, settings)
         self.engine.waiting_elsewhere = self._waiting_in_gradio  # load-aware steps count these too
+        log.info("page built %.1fs after the process started", self.engine.timeline.elapsed())
         self.exit_code = 0
         self.draining = threading.Event()
         self.share_url: str | None = None
@@ -278,8 +280,13 @@ class WebServer:
             if not storage.ok:  # honest: new jobs are refused, or their images cannot be saved
                 return {"ready": False, "reason": storage.reason, "outputs_free_bytes": storage.free_bytes}, 503
             st = engine.status()
+            speed = st["speed"]
             return {
                 "ready": True,
+                "status": engine.speed_phrase(),
+                "full_speed": bool(speed.get("full_speed")),
+                "full_speed_in_s": speed.get("eta_s"),
+                "compile": speed.get("state"),
                 "model": st["model"],
                 "device": st["device_name"] or st["device"],
                 "memory_mode": st["memory_mode"],
@@ -465,9 +472,10 @@ class _QuietStreamCancel(logging.Filter):
         return not (exc is not None and self.PHRASE in str(exc))
 
 
-def create_app(settings: Settings, users: list[tuple[str, str]] | None = None) -> WebServer:
-    """The app and its parts (server.app, .engine, .ops, .blocks); loading starts when it serves."""
-    return WebServer(settings, users)
+def create_app(settings: Settings, users: list[tuple[str, str]] | None = None, engine: Any = None) -> WebServer:
+    """The app and its parts (server.app, .engine, .ops, .blocks); loading starts when it serves
+    (or earlier, when `run` passes an engine already loading)."""
+    return WebServer(settings, users, engine)
 
 
 def run(settings: Settings) -> int:
@@ -487,8 +495,14 @@ def run(settings: Settings) -> int:
             settings.host,
             settings.port,
         )
+    from zimage.service.engine import Engine
+
+    # The model loads from now on, on its own thread: Gradio's and FastAPI's imports and the page
+    # build below overlap its weight reads.
+    engine = Engine(settings)
+    engine.start_loading()
     try:
-        server = create_app(settings, users)
+        server = create_app(settings, users, engine)
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
