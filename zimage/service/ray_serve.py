@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from zimage.errors import Cancelled, ReplicaFailed, ShuttingDown, ZImageError
+from zimage.service.payload import from_payload, last_run
 from zimage.service.ray_errors import ReplicaLost, cause_line, chain_text, explain, first_line
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -299,7 +300,7 @@ class RayPool:
                     seen = self._started(flight, event[1])
                     t0 = time.perf_counter()
                 elif kind == "result":
-                    result = self._result(event[1], request, job)
+                    result = from_payload(event[1], request, job, event[1]["replica"].get("name", ""))
                     outcome = "ok"
                     if seen is not None:
                         seen.jobs_done += 1
@@ -322,13 +323,7 @@ class RayPool:
                 self._inflight.pop(job.id, None)
             if seen is not None:
                 seen.busy_with = None
-                seen.last_run = {
-                    "when": time.time(),
-                    "seconds": round(time.perf_counter() - t0, 4),
-                    "outcome": outcome,
-                    "size": f"{request.width}x{request.height}",
-                    "steps": request.steps,
-                }
+                seen.last_run = last_run(t0, outcome, request)
 
     def _started(self, flight: _InFlight, identity: dict[str, Any]) -> _Seen:
         job = flight.job
@@ -352,24 +347,6 @@ class RayPool:
             identity.get("node_id"),
         )
         return seen
-
-    def _result(self, payload: dict[str, Any], request: GenerationRequest, job: Job) -> GenerationResult:
-        from PIL import Image
-
-        from zimage.service.result import GenerationResult
-
-        return GenerationResult(
-            request=request,
-            images=[Image.fromarray(a) for a in payload["pixels"]],
-            seeds=payload["seeds"],
-            timings=payload["timings"],
-            model=payload["model"],
-            memory_mode=payload["memory_mode"],
-            device=payload["device"],
-            job_id=job.id,
-            replica=payload["replica"].get("name", ""),
-            notes=list(payload["notes"]),
-        )
 
     def _watch_cancels(self) -> None:
         """One thread for every job in flight: a cancelled job's request is cancelled through the
