@@ -7,7 +7,7 @@ locally. Serve does the rest: it places replicas on GPUs, routes each job to a f
 (`max_ongoing_requests=1`: one job per pipeline at a time, the others wait in Serve's queue),
 calls `check_health` and replaces a replica that died or reports itself broken.
 
-This module imports Ray: only `zimage.service.ray_serve` imports it, and only with `--ray`.
+This module imports Ray: only `zimage.service.ray_serve` and `ray_cluster` import it, and only with `--ray`.
 
 `generate` is a streaming method. It yields plain tuples:
   ("start", identity)                   once the job reached this replica (who runs it)
