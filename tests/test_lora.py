@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from zimage.errors import BadLora
-from zimage.model.lora import linear_layers, random_lora, save_lora
+from zimage.model.lora import linear_layers
+from zimage.model.lora_random import random_lora, save_lora
 from zimage.service.engine import Engine
 from zimage.service.request import GenerationRequest
 
