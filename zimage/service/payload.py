@@ -51,6 +51,15 @@ def from_payload(payload: dict[str, Any], request: GenerationRequest, job: Job, 
     )
 
 
+def relay_progress(job: Job, progress: Any, phase: str, done: int, total: int) -> None:
+    """A replica's ("progress", phase, done, total) message, passed on: the job's step (the panel and
+    the queue read it) and the caller's progress callback."""
+    if phase == "denoise":
+        job.step = done
+    if progress is not None:
+        progress(phase, done, total)
+
+
 def last_run(t0: float, outcome: str, request: GenerationRequest) -> dict[str, Any]:
     """A replica's last job as its status row shows it (t0: time.perf_counter() at its start)."""
     return {

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from zimage.errors import Cancelled, ReplicaFailed, ShuttingDown, ZImageError
 from zimage.service import ray_cluster
-from zimage.service.payload import from_payload, last_run
+from zimage.service.payload import from_payload, last_run, relay_progress
 from zimage.service.ray_errors import ReplicaLost, cause_line, explain, first_line
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -248,11 +248,7 @@ class RayPool:
             for event in response:
                 kind = event[0]
                 if kind == "progress":
-                    _, phase, done, total = event
-                    if phase == "denoise":
-                        job.step = done
-                    if progress is not None:
-                        progress(phase, done, total)
+                    relay_progress(job, progress, *event[1:])
                 elif kind == "start":
                     seen = self._started(flight, event[1])
                     t0 = time.perf_counter()

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from zimage import errors
 from zimage.errors import Cancelled, ReplicaFailed, ZImageError
 from zimage.service.child import child_main
-from zimage.service.payload import from_payload, last_run
+from zimage.service.payload import from_payload, last_run, relay_progress
 from zimage.service.replicas import BUSY, FAILED, LOADING, READY, RESTARTING, STOPPED, ProgressFn
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -204,11 +204,7 @@ class ProcessReplica:
                     continue
                 kind = msg[0]
                 if kind == "progress":
-                    _, phase, done, total = msg
-                    if phase == "denoise":
-                        job.step = done
-                    if progress is not None:
-                        progress(phase, done, total)
+                    relay_progress(job, progress, *msg[1:])
                 elif kind == "preview":  # a live preview frame (service.preview.Frame's fields)
                     from zimage.service.preview import Frame
 
