@@ -356,8 +356,10 @@ def test_a_killed_replica_is_replaced_and_its_job_runs_elsewhere(ray_server):
 
 @pytest.mark.slow
 def test_stopping_the_studio_stops_its_replicas(ray_server):
-    pids = [r["pid"] for r in replicas(ray_server).values()]
-    assert len(pids) == 2
+    # the replacement of an earlier test's killed replica may still be starting (a state, no pid yet)
+    ready = lambda: [r["pid"] for r in replicas(ray_server).values() if r["state"] == "ready" and "pid" in r]  # noqa: E731
+    wait_until(lambda: len(ready()) == 2, 120, "two ready replicas with their pids")
+    pids = ready()
     assert ray_server.stop() == 0
     assert "Ray Serve: the zimage replicas are stopped" in ray_server.log()
     wait_until(lambda: not any(alive(p) for p in pids), 30, "the replica processes to end")
