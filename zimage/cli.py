@@ -124,12 +124,24 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_BAD_INPUT
 
 
+def _fail(exc: BaseException) -> int:
+    """The one line a failed command prints, and the exit code for its kind."""
+    from zimage.errors import InvalidRequest, ModelNotFound
+
+    print(f"error: {exc}", file=sys.stderr)
+    if isinstance(exc, ModelNotFound):
+        return EXIT_NO_MODEL
+    if isinstance(exc, InvalidRequest):
+        return EXIT_BAD_INPUT
+    return EXIT_FAILED
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
 def _generate(ns: argparse.Namespace, settings: Settings) -> int:
-    from zimage.errors import InvalidRequest, ModelNotFound, ZImageError
+    from zimage.errors import InvalidRequest, ZImageError
     from zimage.service.engine import Engine
     from zimage.service.request import GenerationRequest, validate
     from zimage.service.store import write_png, write_problem
@@ -185,15 +197,8 @@ def _generate(ns: argparse.Namespace, settings: Settings) -> int:
         if engine.compiler is not None:  # --compile asked for: run on the compiled blocks
             engine.compiler.wait()
         result = engine.generate(request, save=False)
-    except ModelNotFound as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_NO_MODEL
-    except InvalidRequest as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except ZImageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return _fail(exc)
     import time
 
     paths = []
@@ -242,19 +247,15 @@ def _generate(ns: argparse.Namespace, settings: Settings) -> int:
 
 def _warmup(settings: Settings) -> int:
     """Load, compile, save the compile artifacts and the import manifest; say what was written."""
-    from zimage.errors import ModelNotFound, ZImageError
+    from zimage.errors import ZImageError
     from zimage.model.early import manifest_path
     from zimage.service.engine import Engine
 
     engine = Engine(settings.replace(warmup=True))
     try:
         engine.load()
-    except ModelNotFound as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_NO_MODEL
     except ZImageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return _fail(exc)
     compiler = engine.compiler
     print(f"model {engine.source.name} on {engine.model.device_name}, memory mode {engine.plan.mode}")
     if compiler is None:
