@@ -106,6 +106,23 @@ def cuda_reserved_bytes(release_over: int = 0) -> int | None:
     return value
 
 
+class ReplicaWatch:
+    """The memory check of one replica process (a child or a Ray replica), after each of its jobs:
+    the reason it should make way for a fresh process, or None."""
+
+    def __init__(self, settings: Any):
+        self.threshold = int(max(0.0, settings.watchdog_reserved_gib) * GiB)
+        self.strikes = settings.watchdog_strikes
+        self.history: deque[int | None] = deque(maxlen=max(self.strikes, 8))
+
+    def after_job(self) -> str | None:
+        if self.threshold <= 0:
+            return None
+        self.history.append(cuda_reserved_bytes(self.threshold))
+        verdict = decide(self.history, self.threshold, self.strikes)
+        return f"watchdog: {verdict.reason}" if verdict.exit else None
+
+
 class MemoryWatchdog:
     """An engine job listener: ``engine.job_listeners.append(watchdog)``."""
 

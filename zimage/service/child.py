@@ -92,14 +92,11 @@ def child_main(name: str, settings: Settings, visible_devices: str | None, conn:
 
 
 def _serve(name, settings, replica, metrics, conn, send, cancel) -> None:
-    from collections import deque
-
     from zimage.model.memory import is_unrecoverable_cuda
-    from zimage.ops.watchdog import cuda_reserved_bytes, decide, error_chain_text
+    from zimage.ops.watchdog import ReplicaWatch, error_chain_text
     from zimage.service.jobs import Job
 
-    threshold = int(max(0.0, settings.watchdog_reserved_gib) * (1 << 30))
-    history: deque[int | None] = deque(maxlen=max(settings.watchdog_strikes, 8))
+    watch = ReplicaWatch(settings)
     device = replica.model.device
     while True:
         try:
@@ -147,11 +144,8 @@ def _serve(name, settings, replica, metrics, conn, send, cancel) -> None:
                 "restarted and the other GPUs keep serving. Please try again.",
                 exit_after,
             )
-        elif threshold > 0:
-            history.append(cuda_reserved_bytes(threshold))
-            verdict = decide(history, threshold, settings.watchdog_strikes)
-            if verdict.exit:
-                exit_after = f"watchdog: {verdict.reason}"
+        else:
+            exit_after = watch.after_job()
         if exit_after:
             if reply[0] == "result":
                 reply[1]["exit_after"] = exit_after

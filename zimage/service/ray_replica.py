@@ -25,7 +25,6 @@ import contextlib
 import logging
 import os
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -86,9 +85,9 @@ class ZImageReplica:
             notes=list(m.notes),
         )
         self.broken: str | None = None  # why this replica must go (check_health tells Serve)
-        self._watch_bytes = int(max(0.0, settings.watchdog_reserved_gib) * (1 << 30))
-        self._reserved: deque[int | None] = deque(maxlen=max(settings.watchdog_strikes, 8))
-        self._strikes = settings.watchdog_strikes
+        from zimage.ops.watchdog import ReplicaWatch
+
+        self._watch = ReplicaWatch(settings)  # a fresh replica gets fragmented VRAM back
         self._gpu = ThreadPoolExecutor(1, thread_name_prefix="zimage-gpu")  # the pipeline is not thread-safe
         log.info(
             "%s ready in %.1fs (pid %d on %s, %s)",
@@ -161,14 +160,10 @@ class ZImageReplica:
             log.error("%s: unrecoverable CUDA error; Serve will replace this replica: %s", self.name, exc)
             # the studio runs the job again on another replica; check_health has Serve replace this one
             raise ReplicaFailed(f"the GPU of replica {self.name} hit an unrecoverable CUDA error") from None
-        if self._watch_bytes > 0:  # the memory watchdog, per replica: a fresh replica gets fragmented VRAM back
-            from zimage.ops.watchdog import cuda_reserved_bytes, decide
-
-            self._reserved.append(cuda_reserved_bytes(self._watch_bytes))
-            verdict = decide(self._reserved, self._watch_bytes, self._strikes)
-            if verdict.exit:
-                self.broken = f"watchdog: {verdict.reason}"
-                log.warning("%s: %s; Serve will replace this replica", self.name, verdict.reason)
+        reason = self._watch.after_job()
+        if reason:
+            self.broken = reason
+            log.warning("%s: %s; Serve will replace this replica", self.name, reason)
         return result
 
     def _payload(self, result: Any) -> dict[str, Any]:
