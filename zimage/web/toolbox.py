@@ -3,9 +3,9 @@ raw values (page or API) into request fields. page.py calls `build` inside the f
 appends `Toolbox.inputs` to the generate event's inputs, after the text-to-image ones, so positional
 API calls with the first nine arguments keep working.
 
-API arguments (all optional, after shift): image (a picture file, or an ImageEditor value
-{"background": file, "layers": [painted files], "composite": file}; background = the source
-picture, painted strokes = the mask), mask (a mask file, white = repaint; wins over painted
+API arguments (all optional, after shift): image (a picture file; the page sends its ImageEditor
+value {"background": file, "layers": [painted files], "composite": file} instead: background = the
+source picture, painted strokes = the mask), mask (a mask file, white = repaint; wins over painted
 strokes), strength (0.6; above 0, at most 1), feather (pixels of mask-edge blur), outpaint_sides
 (list of left/top/right/bottom), outpaint_px (pixels added on each chosen side), loras
 ("name.safetensors:0.8, other.safetensors").
@@ -28,8 +28,8 @@ from zimage.service.sources import FEATHER_MAX, SIDES
 from zimage.web.i18n import lang_of, t, tr
 
 API_NOTE = (
-    " Image to image and inpainting (optional, after shift): image (a picture file, or an ImageEditor "
-    "value: background = the picture, painted layers = the mask), mask (a mask file, white = repaint), "
+    " Image to image and inpainting (optional, after shift): image (the source picture file), mask (a "
+    "mask file, white = repaint), "
     "strength (above 0, at most 1; about strength x steps steps run), feather (pixels), outpaint_sides "
     "(left/top/right/bottom), outpaint_px; width and height 0 take the source's size. loras: "
     "'name.safetensors:weight, ...' from the server's LoRA folder. The details then carry mode, "
@@ -52,21 +52,23 @@ class Toolbox:
     note: gr.Markdown
     source_size: gr.Checkbox
     lora_note: gr.Markdown
+    api_image: gr.Image  # hidden: the API's image is a plain picture file (the editor's value is a dict)
 
     @property
     def inputs(self) -> list[Any]:
         """Appended to the API generate event's inputs, in the API's order."""
-        return [self.source, self.mask, self.strength, self.feather, self.sides, self.pad, self.loras]
+        return [self.api_image, self.mask, self.strength, self.feather, self.sides, self.pad, self.loras]
 
     @property
     def page_inputs(self) -> list[Any]:
-        """The page's Generate: the API's seven, then "output at the source's size"."""
-        return [*self.inputs, self.source_size]
+        """The page's Generate: the editor (source and painted mask), the API's other six, then
+        "output at the source's size"."""
+        return [self.source, *self.inputs[1:], self.source_size]
 
     @property
     def reload_outputs(self) -> list[Any]:
         """What a reload puts back (`reload`)."""
-        return [*self.inputs, self.source_size]
+        return self.page_inputs
 
     @property
     def restored(self) -> list[Any]:
@@ -127,7 +129,10 @@ def build(engine: Any) -> Toolbox:
             elem_id="zi-lora-weights",
         )
         lora_note = gr.Markdown(lora_note_md(engine), elem_id="zi-lora-note")
-    tools = Toolbox(source, mask, strength, feather, sides, pad, loras, pick, use_result, note, source_size, lora_note)
+    api_image = gr.Image(type="filepath", visible=False, elem_id="zi-api-image")
+    tools = Toolbox(
+        source, mask, strength, feather, sides, pad, loras, pick, use_result, note, source_size, lora_note, api_image
+    )
 
     def refresh(request: gr.Request = None):
         return gr.update(choices=engine.loras.names()), lora_note_md(engine, lang_of(request))
