@@ -191,9 +191,9 @@ EN: dict[str, str] = {
     "o_not_yet": "not yet",
     # --- image to image, inpainting, LoRAs (web/toolbox.py)
     "tb_title": "Image to image / Inpaint",
-    "tb_source": "Source picture (upload or paste; paint over what should change)",
+    "tb_source": "Source picture (upload or paste)",
     "tb_use_result": "Use this result",
-    "tb_mask": "Mask file (optional; white = repaint, wins over painted strokes)",
+    "tb_mask": "Mask file (optional; white = repaint, black = keep)",
     "tb_strength": "Strength",
     "tb_strength_info": "About strength × steps steps run; 1 paints anew.",
     "tb_feather": "Feather (px)",
@@ -396,9 +396,9 @@ ZH: dict[str, str] = {
     "o_not_yet": "尚未进行",
     # --- 图生图、局部重绘、LoRA
     "tb_title": "图生图 / 局部重绘",
-    "tb_source": "源图片（上传或粘贴；在要改变的地方涂抹）",
+    "tb_source": "源图片（上传或粘贴）",
     "tb_use_result": "使用此结果",
-    "tb_mask": "蒙版文件（可选；白色 = 重绘，优先于涂抹）",
+    "tb_mask": "蒙版文件（可选；白色 = 重绘，黑色 = 保留）",
     "tb_strength": "强度",
     "tb_strength_info": "约运行 强度 × 步数 步；1 为完全重画。",
     "tb_feather": "羽化（像素）",

@@ -40,7 +40,7 @@ RELOADED = 8  # values a reload puts back: Toolbox.reload_outputs
 
 @dataclass
 class Toolbox:
-    source: gr.ImageEditor
+    source: gr.Image
     mask: gr.Image
     strength: gr.Slider
     feather: gr.Slider
@@ -80,16 +80,11 @@ def build(engine: Any) -> Toolbox:
     """Declare the widgets (inside the caller's layout) and wire their own small events."""
     private = {"queue": False, "api_visibility": "private"}
     with gr.Accordion(tr("tb_title"), open=False, elem_id="zi-toolbox"):
-        source = gr.ImageEditor(
-            label=tr("tb_source"),
-            type="filepath",
-            sources=["upload", "clipboard"],
-            brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=24),
-            eraser=gr.Eraser(default_size=24),
-            transforms=(),
-            layers=False,
-            height=320,
-            elem_id="zi-source",
+        # A plain picture: gr.ImageEditor (painting the mask in the page) re-uploads its layers in a
+        # loop in the page (hundreds of uploads a minute in Chromium, hitting the upload quota), so
+        # masks are uploaded files for now; request_fields still reads an editor value's strokes.
+        source = gr.Image(
+            label=tr("tb_source"), type="filepath", sources=["upload", "clipboard"], height=320, elem_id="zi-source"
         )
         use_result = gr.Button(tr("tb_use_result"), size="sm", elem_id="zi-use-result")
         mask = gr.Image(
@@ -147,23 +142,20 @@ def wire(tools: Toolbox, gallery: Any, steps: Any, files_of: Any) -> None:
     that says what the toolbox's settings do for the case at hand. `files_of(request)` is the asker's
     path rule (Studio._files_of)."""
     private = {"queue": False, "api_visibility": "private"}
-    tools.use_result.click(_use_result, [gallery], [tools.source], **private)
 
     def note(source, mask, strength, feather, sides, pad, size, n, request: gr.Request = None):
         return explain(source, mask, strength, feather, sides, pad, size, n, lang_of(request), files_of(request))
 
-    watched = [
-        tools.source,
-        tools.mask,
-        tools.strength,
-        tools.feather,
-        tools.sides,
-        tools.pad,
-        tools.source_size,
-        steps,
-    ]
-    for widget in watched:
-        widget.change(note, watched, [tools.note], preprocess=False, show_progress="hidden", **private)
+    watched = [tools.source, tools.mask, tools.strength, tools.feather, tools.sides, tools.pad, tools.source_size]
+    watched.append(steps)
+    explained = {"fn": note, "inputs": watched, "outputs": [tools.note], "preprocess": False}
+    tools.use_result.click(_use_result, [gallery], [tools.source], **private).then(
+        **explained, show_progress="hidden", **private
+    )
+    # the picture reports an upload or a clear (not a value the server set: "use this result" says it)
+    triggers = [tools.source.upload, tools.source.clear]
+    triggers += [w.change for w in watched[1:]]
+    gr.on(triggers, **explained, trigger_mode="always_last", show_progress="hidden", **private)
 
 
 def _use_result(gallery: Any):
@@ -172,7 +164,7 @@ def _use_result(gallery: Any):
     path = getattr(path, "path", path)
     if not path:
         raise gr.Error("There is no result yet: generate a picture first.", print_exception=False)
-    return {"background": path, "layers": [], "composite": path}
+    return path
 
 
 def _with_picked(picked: list[str] | None, text: str) -> str:
@@ -406,7 +398,7 @@ def reload(form: dict[str, Any], may_read: Any) -> list[Any]:
     editor = _editor(source)
     background = usable(editor.get("background") if editor else source)
     layers = [p for p in (usable(v) for v in (editor or {}).get("layers") or []) if p]
-    back = {"background": background, "layers": layers, "composite": background} if background else keep
+    back = ({"background": background, "layers": layers, "composite": background} if editor else background) or keep
     mask_back = usable(mask) or keep
     return [
         back,
