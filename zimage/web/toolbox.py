@@ -3,12 +3,12 @@ raw values (page or API) into request fields. page.py calls `build` inside the f
 appends `Toolbox.inputs` to the generate event's inputs, after the text-to-image ones, so positional
 API calls with the first nine arguments keep working.
 
-API arguments (all optional, after shift): image (a picture file; the page sends its ImageEditor
-value {"background": file, "layers": [painted files], "composite": file} instead: background = the
-source picture, painted strokes = the mask), mask (a mask file, white = repaint; wins over painted
-strokes), strength (0.6; above 0, at most 1), feather (pixels of mask-edge blur), outpaint_sides
-(list of left/top/right/bottom), outpaint_px (pixels added on each chosen side), loras
-("name.safetensors:0.8, other.safetensors").
+API arguments (all optional, after shift): image (the source picture file), mask (a mask file,
+white = repaint), strength (0.6; above 0, at most 1), feather (pixels of mask-edge blur),
+outpaint_sides (list of left/top/right/bottom), outpaint_px (pixels added on each chosen side), loras
+("name.safetensors:0.8, other.safetensors"). `request_fields` also reads an ImageEditor value
+({"background": file, "layers": [painted files]}: painted strokes = the mask), for when the page
+can offer painting again (see `build`).
 
 Every file named here passes guard.py's rule for the asker (`may_read`): their own uploads and
 images only, refused with a sentence otherwise.
