@@ -107,10 +107,12 @@ def test_a_killed_replica_restarts_alone_and_no_accepted_job_is_lost(server):
     assert new_pid != pid
     # the restarted replica serves again: hold cpu1 with a long job, the next one lands on cpu0
     _wait(lambda: _m(server, "zimage_running_jobs") == 0, 120, "idle replicas")
-    holder = submit(_client(server), **LONG, seed=8)
+    second = _client(server)  # connected first: a slow connect on a loaded box must not outlast the holder
+    holder = submit(_client(server), **{**LONG, "count": 4}, seed=8)
     _wait(lambda: _m(server, "zimage_running_jobs") == 1, 60, "one job running")
     busy = "cpu0" if _state(server, "cpu0", "busy") else "cpu1"
-    _, details = generate(_client(server), width=64, height=64, steps=2, seed=9)
+    _, details = generate(second, width=64, height=64, steps=2, seed=9)
+    assert not holder.done(), "the holder finished first: the check below would prove nothing"
     assert details["replica"] != busy
     holder.cancel()
     log = server.log()
