@@ -227,6 +227,7 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
                             buttons=["download", "fullscreen"],
                             elem_id="zi-gallery",
                             preview=True,
+                            interactive=False,  # "Use this result" reads it: an input, yet not an upload box
                         )
                         summary = gr.Markdown("", elem_id="zi-summary")
                         download = gr.File(
