@@ -160,8 +160,7 @@ def test_a_reload_puts_back_the_toolbox_while_its_files_are_still_the_askers(tmp
 
 
 def test_use_this_result_and_the_picked_loras(tmp_path):
-    value = toolbox._use_result([(str(tmp_path / "r.png"), "seed 1")])
-    assert value["background"] == str(tmp_path / "r.png") and value["layers"] == []
+    assert toolbox._use_result([(str(tmp_path / "r.png"), "seed 1")]) == str(tmp_path / "r.png")
     assert toolbox._with_picked(["a.safetensors", "b.safetensors"], "a.safetensors:0.3") == (
         "a.safetensors:0.3, b.safetensors:1"
     )

@@ -398,7 +398,9 @@ def reload(form: dict[str, Any], may_read: Any) -> list[Any]:
     editor = _editor(source)
     background = usable(editor.get("background") if editor else source)
     layers = [p for p in (usable(v) for v in (editor or {}).get("layers") or []) if p]
-    back = ({"background": background, "layers": layers, "composite": background} if editor else background) or keep
+    back: Any = keep
+    if background:
+        back = {"background": background, "layers": layers, "composite": background} if editor else background
     mask_back = usable(mask) or keep
     return [
         back,
