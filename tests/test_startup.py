@@ -106,6 +106,26 @@ def test_ready_at_once_and_the_switch_lands_between_jobs(make_settings, engine):
     assert any("compiled" in n for n in eng.notes)
 
 
+def test_the_compile_starts_after_the_eager_warm_up(make_settings):
+    """Not beside it: the compile thread's Python would hold the GIL through the warm-up and make
+    /ready late (H200: a 1.5 s warm-up took 6.1 s beside a compile from artifacts)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    backend = GatedBackend()
+    backend.gate.set()
+    eng = compiled_engine(make_settings, backend)
+    eng.load()
+    try:
+        assert eng.compiler.wait(120) and eng.compiler.live
+    finally:
+        eng.shutdown(5)
+    warm = next(st for st in eng.timeline.snapshot()["stages"] if st["name"] == "warm-up")
+    marks = {m["name"]: m["at_s"] for m in eng.compiler.snapshot()["stages"]}
+    # both on the load timeline's clock (seconds since the process started), rounded to 1 ms
+    assert marks["compile start"] >= warm["start_s"] + warm["duration_s"] - 0.002, (warm, marks)
+
+
 def test_a_failed_compile_keeps_serving_eager(make_settings, caplog):
     import torch._dynamo
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zimage.model.lora import linear_layers, random_lora, save_lora
+from zimage.model.lora import linear_layers
+from zimage.model.lora_random import random_lora, save_lora
 from zimage.service.store import read_parameters
 
 from .test_cli import run

@@ -41,7 +41,7 @@ def row_toolbox(args: argparse.Namespace) -> dict[str, Any]:
     from torch._dynamo.utils import counters
 
     from zimage.bench.runner import PROMPT
-    from zimage.model.lora import random_lora, save_lora
+    from zimage.model.lora_random import random_lora, save_lora
     from zimage.service.engine import Engine
     from zimage.service.request import GenerationRequest
     from zimage.settings import Settings

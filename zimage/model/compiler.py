@@ -348,8 +348,11 @@ class CompileBeside:
 
 
 def start_beside(replica: Any, warmup: list[Any], run_job: Callable[[], None]) -> CompileBeside | None:
-    """The compile of a replica's freshly loaded model: started now when it runs beside jobs,
-    else by the replica after its eager warm-up (it takes the replica's GPU lock then)."""
+    """The compile of a replica's freshly loaded model, started by the replica after its eager
+    warm-up (where it runs beside jobs, at once when there is no warm-up). Not beside the warm-up:
+    on a restart from artifacts (H200, 2026-11-30) the compile thread's ten seconds of Python
+    held the GIL so that the one-step eager warm-up took 6.1 s instead of about 1.5 s, and /ready
+    came that much later; the compile itself only waits those 1.5 s."""
     model = replica.model
     if model.compile_mode == "off":
         return None
@@ -363,7 +366,7 @@ def start_beside(replica: Any, warmup: list[Any], run_job: Callable[[], None]) -
         run_job=run_job,
     )
     compiler.on_done = replica._compile_done
-    if compiler.concurrent:
+    if compiler.concurrent and not replica.settings.warmup:
         compiler.start(replica.timeline.origin)
     return compiler
 

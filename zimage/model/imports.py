@@ -8,6 +8,15 @@ diffusers.utils), the libraries' package checks (2.0 s) and diffusers' single-fi
 (2.4 s: scipy.stats, transformers' auto classes, torchvision), which ZImagePipeline's base
 classes import. A lazy stand-in for diffusers' two eager subpackages (all transformer models,
 all autoencoders) was tried and dropped: it saved nothing measurable.
+
+Also tried and not kept (branch `imports`, 2026-11-30): deferring torch._dynamo (and scipy.stats)
+until the compile imports it. Dynamo is reached in six ways on the way to the first image
+(diffusers' and transformers' marking decorators, `torch.compiler.disable` on pipeline and hook
+methods, torch's own meta-init path, an isinstance check, transformers' masking module), so the
+deferral needed a process-wide import hook and stand-ins for `disable`: about 550 lines. It took
+`import_libraries()` from 3.13 to 2.40 s of CPU on the 2-core CPU box (5 fresh processes each,
+medians); sympy still comes in through transformers' DTensor import. 0.7 s against a 22 s gap to
+the restart target did not pay for a hook on every import of a weeks-long process.
 """
 
 from __future__ import annotations

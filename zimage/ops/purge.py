@@ -13,7 +13,7 @@ It deletes files on a box nobody watches for weeks, so safety comes before every
 - hidden files (Gradio's ``.name.xxxx`` staging copies) and files modified in the last few
   seconds are never touched: they may still be being written;
 - the store's own temp files (``.tmp-<name>.<pid>.<thread>``) are removed once stale: a kill -9
-  during a PNG write leaves one behind. Stale means older than STALE_TMP_S, or older than a few
+  during a PNG write leaves one behind. Stale means older than scan.STALE_TMP_S, or older than a few
   seconds with its writer process gone; they are swept at start and by every run, whatever the
   limits;
 - symlinks are neither followed, nor removed, nor counted;
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import stat
 import threading
 import time
@@ -34,22 +33,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zimage.service.store import is_output_name, is_temp_name, is_user_folder_name, temp_writer_pid
+from zimage.ops.scan import DIR_FLAGS, FileInfo, scan_cache, scan_outputs, scan_temp
 from zimage.units import human_bytes
 
 log = logging.getLogger(__name__)
 
 GiB = 1 << 30
 
-# store.output_name: 20261121-174501-123456-seed42.png, and "~2" when a name was taken.
-# Gradio names its cache folders by a sha256 hex digest of the content.
-CACHE_DIR_NAME = re.compile(r"[0-9a-f]{32,128}")
 FRESH_S = 10.0  # younger files may still be being written (Gradio writes its copies in place)
 KEEP_REMOVED = 20  # names of removed files kept for the status panel
 KEEP_ERRORS = 10
-STALE_TMP_S = 600.0  # a PNG write takes well under a second: a temp file this old was abandoned
-
-_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
 
 
 @dataclass(frozen=True)
@@ -78,17 +71,6 @@ class PurgePolicy:
         if self.max_bytes:
             parts.append(f"more than {self.max_bytes / GiB:g} GiB")
         return "remove " + (", ".join(parts) if parts else "nothing (no limits set)")
-
-
-@dataclass(frozen=True)
-class FileInfo:
-    """One candidate: name relative to its root folder ('<hashdir>/<name>' in a cache)."""
-
-    name: str
-    size: int
-    mtime: float
-    ino: int = 0
-    dev: int = 0
 
 
 def choose(files: Iterable[FileInfo], policy: PurgePolicy, now: float) -> list[tuple[FileInfo, str]]:
@@ -252,11 +234,11 @@ class Purger:
 
     def _sweep_temp(self, root: Path, now: float, report: PurgeReport) -> None:
         try:
-            root_fd = os.open(root, _DIR_FLAGS)
+            root_fd = os.open(root, DIR_FLAGS)
         except FileNotFoundError:
             return
         try:
-            for info in _scan_temp(root_fd, now, self.policy.fresh_s):
+            for info in scan_temp(root_fd, now, self.policy.fresh_s):
                 self._remove(root, root_fd, info, "stale temp", now, report)
         finally:
             os.close(root_fd)
@@ -290,13 +272,11 @@ class Purger:
 
     def _purge_folder(self, root: Path, cache: bool, now: float, report: PurgeReport) -> None:
         try:
-            root_fd = os.open(root, _DIR_FLAGS)
+            root_fd = os.open(root, DIR_FLAGS)
         except FileNotFoundError:
             return  # nothing written yet
         try:
-            files, empty_dirs = (
-                _scan_cache(root_fd, now, self.policy.fresh_s) if cache else (_scan_outputs(root_fd), [])
-            )
+            files, empty_dirs = scan_cache(root_fd, now, self.policy.fresh_s) if cache else (scan_outputs(root_fd), [])
             for info, reason in choose(files, self.policy, now):
                 if self._stop.is_set():
                     return
@@ -318,7 +298,7 @@ class Purger:
         dir_fd = root_fd
         try:
             if parent:
-                dir_fd = os.open(parent, _DIR_FLAGS, dir_fd=root_fd)
+                dir_fd = os.open(parent, DIR_FLAGS, dir_fd=root_fd)
             try:
                 # Look again just before: the file must be the very one chosen, untouched since.
                 st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -373,129 +353,3 @@ class Purger:
             "next_run": self.next_run,
             "totals": dict(self.totals),
         }
-
-
-def _scan_outputs(root_fd: int) -> list[FileInfo]:
-    """Outputs in the folder and in each user's folder (one level down, never through a link)."""
-    files = []
-    users = []
-    with os.scandir(root_fd) as it:
-        for entry in it:
-            if is_output_name(entry.name):
-                info = _regular(entry.name, root_fd, entry.name)
-                if info is not None:
-                    files.append(info)
-            elif is_user_folder_name(entry.name) and entry.is_dir(follow_symlinks=False):
-                users.append(entry.name)
-    for user in users:
-        try:
-            sub_fd = os.open(user, _DIR_FLAGS, dir_fd=root_fd)
-        except OSError:
-            continue  # gone, or a link
-        try:
-            with os.scandir(sub_fd) as it:
-                names = [e.name for e in it if is_output_name(e.name)]
-            for name in names:
-                info = _regular(name, sub_fd, f"{user}/{name}")
-                if info is not None:
-                    files.append(info)
-        finally:
-            os.close(sub_fd)
-    return files
-
-
-def _scan_temp(root_fd: int, now: float, fresh_s: float) -> list[FileInfo]:
-    """The store's temp files that no write will finish (old, or their writer process is gone),
-    in the outputs folder and one level down in the users' folders (never through a link)."""
-    stale = []
-    with os.scandir(root_fd) as it:
-        entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
-    folders = [("", root_fd, [n for n, _ in entries])]
-    opened = []
-    try:
-        for name, is_dir in entries:
-            if is_dir and is_user_folder_name(name):
-                try:
-                    sub_fd = os.open(name, _DIR_FLAGS, dir_fd=root_fd)
-                except OSError:
-                    continue  # gone, or a link
-                opened.append(sub_fd)
-                with os.scandir(sub_fd) as it:
-                    folders.append((name + "/", sub_fd, [e.name for e in it]))
-        for prefix, fd, names in folders:
-            for name in names:
-                if not is_temp_name(name):
-                    continue
-                try:
-                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                except OSError:
-                    continue
-                if not stat.S_ISREG(st.st_mode):
-                    continue
-                age = now - st.st_mtime
-                if age >= STALE_TMP_S or (age >= fresh_s and not _alive(temp_writer_pid(name))):
-                    stale.append(FileInfo(prefix + name, st.st_size, st.st_mtime, st.st_ino, st.st_dev))
-    finally:
-        for fd in opened:
-            os.close(fd)
-    return stale
-
-
-def _alive(pid: int | None) -> bool:
-    """Whether the process that wrote a temp file still runs (this one counts as running)."""
-    if not pid:
-        return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, but not ours to signal
-    return True
-
-
-def _scan_cache(root_fd: int, now: float, fresh_s: float) -> tuple[list[FileInfo], list[str]]:
-    """Files in Gradio's hash folders, and those folders that are empty and old."""
-    files: list[FileInfo] = []
-    empty: list[str] = []
-    with os.scandir(root_fd) as it:
-        dirs = [e.name for e in it if CACHE_DIR_NAME.fullmatch(e.name)]
-    for d in dirs:
-        try:
-            st = os.stat(d, dir_fd=root_fd, follow_symlinks=False)
-            if not stat.S_ISDIR(st.st_mode):
-                continue
-            sub_fd = os.open(d, _DIR_FLAGS, dir_fd=root_fd)
-        except OSError:
-            continue  # gone, or not a real folder
-        try:
-            with os.scandir(sub_fd) as it:
-                names = [e.name for e in it]
-            for name in names:
-                if name.startswith("."):
-                    continue  # Gradio's staging copies (".name.xxxx") are being written
-                info = _regular(name, sub_fd, f"{d}/{name}")
-                if info is not None:
-                    files.append(info)
-        finally:
-            os.close(sub_fd)
-        # An empty folder is removed only once it has been left alone for a while: Gradio
-        # creates the folder first and writes the file into it just after.
-        if not names and now - st.st_mtime >= fresh_s:
-            empty.append(d)
-    return files, empty
-
-
-def _regular(name: str, dir_fd: int, shown: str) -> FileInfo | None:
-    """A FileInfo for a regular, non-hidden file; None for links, folders, hidden or vanished files."""
-    if name.startswith("."):
-        return None
-    try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except OSError:
-        return None
-    if not stat.S_ISREG(st.st_mode):
-        return None
-    return FileInfo(shown, st.st_size, st.st_mtime, st.st_ino, st.st_dev)

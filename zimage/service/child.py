@@ -168,17 +168,10 @@ def _serve(name, settings, replica, metrics, conn, send, cancel) -> None:
 
 
 def _payload(result: Any, metrics: Any, device: str) -> dict[str, Any]:
-    import numpy as np
+    from zimage.service.payload import to_payload
 
     return {
-        "pixels": [np.asarray(im) for im in result.images],
-        "seeds": result.seeds,
-        "timings": result.timings,
-        "notes": result.notes,
-        "model": result.model,
-        "memory_mode": str(result.memory_mode),
-        "device": result.device,
-        "compute_path": result.compute_path,
+        **to_payload(result),
         "vram": _vram(device),
         "oom_total": metrics.registry.get_sample_value("zimage_oom_total") or 0.0,
         "exit_after": None,

@@ -3,8 +3,9 @@
 It loads the model once per replica (one in this process by default; one child process per GPU
 when the model fits on each, see service.layout), hands each job to the replica pool's shared
 queue (service.replicas: the first free replica runs it), and accounts for every request in one
-place: its metric, its log line, its listeners. PNG encoding and writing happen on the store's
-writer thread after the GPU is released.
+place: its metric, its log line, its listeners (the words for how it ended: service.outcomes).
+PNG encoding and writing happen on the store's writer thread after the GPU is released. What it
+says about itself (status, speed, the gauges of /metrics) is read in service.status.
 """
 
 from __future__ import annotations
@@ -17,13 +18,8 @@ from dataclasses import replace
 from typing import Any
 
 from zimage.errors import (
-    BadLora,
-    Cancelled,
     GenerationFailed,
-    InvalidRequest,
-    NoSpace,
     NotReady,
-    OutOfMemory,
     ShuttingDown,
     ZImageError,
 )
@@ -31,14 +27,15 @@ from zimage.model.lora import LoraLibrary
 from zimage.model.pipeline import LoadedModel
 from zimage.model.presets import model_preset
 from zimage.ops.metrics import EngineMetrics
-from zimage.ops.profiler import LoadTimeline, RecentJobs, memory_snapshot
+from zimage.ops.profiler import LoadTimeline, RecentJobs
+from zimage.service import outcomes, status
 from zimage.service.jobs import Job
 from zimage.service.layout import build_replicas, plan_replicas
 from zimage.service.replicas import LocalReplica, ReplicaPool
 from zimage.service.request import GenerationRequest, Limits, resolve_seed, validate
 from zimage.service.result import GenerationResult
 from zimage.service.runner import ProgressFn, Runner
-from zimage.service.store import MiB, OutputStore, SaveReport, write_problem
+from zimage.service.store import MiB, OutputStore, SaveReport
 from zimage.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -81,7 +78,7 @@ class Engine:
         self._ready = threading.Event()
         self._loading: threading.Thread | None = None
         self._loading_lock = threading.Lock()
-        self._images_made = 0
+        self.images_made = 0
         self._handoffs = _Counter()
         self.compile_backend: Any = "inductor"  # torch.compile backend of the compile beside (tests: cheaper)
         self.metrics.on_scrape(self._refresh_metrics)
@@ -347,11 +344,11 @@ class Engine:
 
     def _failed(self, req: GenerationRequest, job: Job, error: BaseException) -> BaseException:
         """The one place a failed request is counted, logged and told to listeners; returns what to raise."""
-        outcome = _OUTCOMES.get(type(error), "error")
+        outcome = outcomes.outcome_of(error)
         job.state = "cancelled" if outcome == "cancelled" else "failed"
         self.metrics.requests.labels(outcome).inc()
         self._log_request(req, None, outcome, error)
-        if outcome in ("invalid", "unready", "nospace"):  # refused before it ran: no job listener cares
+        if outcome in outcomes.REFUSED:  # refused before it ran: no job listener cares
             return error
         if outcome != "rejected":
             self._notify(None, error)
@@ -371,20 +368,7 @@ class Engine:
             self._log_request(req, result, "ok", None)
             return
         result.unsaved = report.unsaved
-        n, total = len(report.unsaved), len(result.images)
-        why = write_problem(report.error)
-        it = "it" if n == 1 else "them"
-        if total == 1:
-            what = f"the image was made, but it could not be written to the outputs folder because {why}"
-        elif n == total:
-            what = f"the {total} images were made, but they could not be written to the outputs folder because {why}"
-        else:
-            what = (
-                f"{n} of the {total} images could not be written to the outputs folder because {why} (the others were)"
-            )
-        result.save_error = (
-            f"Not saved: {what}. Download {it} from the result now: the page keeps {it} only for a few hours."
-        )
+        result.save_error = outcomes.unsaved_sentence(report, len(result.images))
         result.notes.append(result.save_error)
         self.metrics.requests.labels("unsaved").inc()
         self._log_request(req, result, "unsaved", report.error)
@@ -401,7 +385,7 @@ class Engine:
         self.metrics.stage.labels("text_encoder", replica).observe(t.text_encoder)
         self.metrics.stage.labels("denoise", replica).observe(t.denoise)
         self.metrics.stage.labels("vae_decode", replica).observe(t.vae_decode)
-        self._images_made += len(result.images)
+        self.images_made += len(result.images)
 
     def _notify(self, result: GenerationResult | None, error: BaseException | None) -> None:
         for fn in list(self.job_listeners):
@@ -413,25 +397,7 @@ class Engine:
     # --- reporting -------------------------------------------------------------------------
 
     def _log_request(self, req: GenerationRequest, result: GenerationResult | None, outcome: str, error) -> None:
-        # Every request gets its line, the ones that never ran too (invalid, refused while shutting
-        # down or loading, cancelled in the queue); %s because an invalid request may hold any value.
-        times = result.timings.summary() if result else f"error: {str(error)[:200]}"
-        if result is not None:
-            times = f"path {result.compute_path}, {times}"
-        if result is not None and error is not None:
-            times += f", save error: {str(error)[:200]}"
-        log.info(
-            "request user=%s replica=%s size=%sx%s steps=%s count=%s seed=%s outcome=%s %s",
-            req.user or "-",
-            (result.replica if result else "") or "-",
-            req.width,
-            req.height,
-            req.steps,
-            req.count,
-            req.seed,
-            outcome,
-            times,
-        )
+        log.info(*outcomes.request_line(req, result, outcome, error))
 
     def storage(self):
         """The outputs folder's state (store.StorageState), also published in /metrics."""
@@ -442,75 +408,24 @@ class Engine:
         return state
 
     def _refresh_metrics(self) -> None:
-        self.storage()
-        self.metrics.queue_depth.set(self.pool.waiting)
-        self.metrics.running.set(len(self.pool.running))
-        snap = memory_snapshot()
-        if snap.get("host_rss_bytes") is not None:
-            self.metrics.host_rss.set(snap["host_rss_bytes"])
-        local = self.pool.replicas[0].name if self.model is not None and self.pool.replicas else "-"
-        for g in snap.get("gpus", []):  # this process's GPUs: the in-process replica's
-            for kind in ("allocated", "reserved", "peak_allocated", "peak_reserved"):
-                self.metrics.vram.labels(local, str(g["index"]), kind).set(g[f"{kind}_bytes"])
-        self.metrics.refresh_replicas(self.pool.status())
+        status.refresh_metrics(self)
 
     def status(self) -> dict[str, Any]:
-        """Everything the profiler panel and /ready show, as plain data."""
-        m = self.model
-        running = self.running_job
-        replicas = self.pool.status()
-        first = {} if m else next((r for r in replicas if r.get("state") in ("ready", "busy")), {})
-        return {
-            "ready": self.ready,
-            "load": self.timeline.snapshot(),
-            "model": m.source.name if m else self.settings.model,
-            "device": m.device if m else first.get("device", "cpu"),
-            "device_name": m.device_name if m else first.get("device_name", "CPU"),
-            "dtype": m.dtype_name if m else "",
-            "memory_mode": str(m.plan.mode) if m else first.get("memory_mode"),
-            "memory_reason": m.plan.reason if m else first.get("memory_reason"),
-            "notes": list(self.notes) if m else list(first.get("notes", [])),
-            "queue_depth": self.pool.waiting,
-            "running": running.id if running else None,
-            "running_step": (running.step, running.total) if running else None,
-            "replicas": replicas,
-            "replica_plan": self.replica_plan.describe(),
-            "images_made": self._images_made,
-            "uptime_s": time.time() - self.started,
-            "memory": memory_snapshot(),
-            "last": self.recent.last(),
-            "pending_writes": self.store.pending,
-            "speed": self.speed_status(replicas),
-        }
+        """Everything the profiler panel and /ready show, as plain data (service.status)."""
+        return status.engine_status(self)
 
     def speed_phrase(self) -> str:
         """'ready (full speed)', 'ready (full speed in about 12 s)' or why it stays eager."""
-        sp = self.speed_status()
-        if sp.get("full_speed"):
-            return "ready (full speed)"
-        if sp.get("state") == "failed":
-            return "ready (eager speed: the compile failed)"
-        eta = sp.get("eta_s")
-        return f"ready (full speed in about {eta:.0f} s)" if eta is not None else "ready (compiling)"
+        return status.speed_phrase(self.speed_status())
 
     def speed_status(self, replicas: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        """Eager or compiled, and when full speed comes, over every replica: the banner and /ready
-        say it. Full speed once each ready replica's compiled blocks are live (or it compiles
-        nothing); the wait is the longest."""
+        """Eager or compiled, and when full speed comes: the in-process compile's own account, or
+        over every replica's row (service.status.speed_over_replicas). The banner and /ready say it."""
         compiler = self.compiler
         if compiler is not None:
             return compiler.snapshot()
         rows = replicas if replicas is not None else (self.pool.status() if self.pool.replicas else [])
-        speeds = [r["speed"] for r in rows if r.get("speed") and r.get("state") in ("ready", "busy")]
-        if not speeds:
-            return {"state": "eager-only" if self.ready else "loading", "full_speed": self.ready, "eta_s": 0.0}
-        if all(sp.get("full_speed") for sp in speeds):
-            live = any(sp.get("state") == "live" for sp in speeds)
-            return {"state": "live" if live else "eager-only", "full_speed": True, "eta_s": 0.0}
-        if all(sp.get("state") in ("failed", "live", "eager-only") for sp in speeds):
-            return {"state": "failed", "full_speed": False, "eta_s": None}
-        etas = [sp.get("eta_s") for sp in speeds if sp.get("eta_s") is not None]
-        return {"state": "compiling", "full_speed": False, "eta_s": max(etas) if etas else None}
+        return status.speed_over_replicas(rows, self.ready)
 
     # --- shutdown --------------------------------------------------------------------------
 
@@ -550,14 +465,3 @@ class _Counter:
     def wait_idle(self, timeout: float) -> bool:
         with self._cv:
             return self._cv.wait_for(lambda: self._n == 0, timeout)
-
-
-_OUTCOMES: dict[type, str] = {
-    InvalidRequest: "invalid",
-    BadLora: "invalid",
-    NotReady: "unready",
-    ShuttingDown: "rejected",
-    Cancelled: "cancelled",
-    OutOfMemory: "oom",
-    NoSpace: "nospace",
-}

@@ -7,12 +7,12 @@ locally. Serve does the rest: it places replicas on GPUs, routes each job to a f
 (`max_ongoing_requests=1`: one job per pipeline at a time, the others wait in Serve's queue),
 calls `check_health` and replaces a replica that died or reports itself broken.
 
-This module imports Ray: only `zimage.service.ray_serve` imports it, and only with `--ray`.
+This module imports Ray: only `zimage.service.ray_serve` and `ray_cluster` import it, and only with `--ray`.
 
 `generate` is a streaming method. It yields plain tuples:
   ("start", identity)                   once the job reached this replica (who runs it)
   ("progress", phase, done, total)      as the in-process runner reports it
-  ("result", payload)                   uint8 pixels (n, H, W, 3), seeds, timings, notes...
+  ("result", payload)                   service.payload: uint8 pixels, seeds, timings, notes...
 Errors are raised as the runner raises them (ZImageErrors carry a user-facing message); the
 caller cancels through the handle, which cancels this coroutine, which cancels the job: the
 runner stops after the current step, as it does in-process.
@@ -172,17 +172,10 @@ class ZImageReplica:
         return result
 
     def _payload(self, result: Any) -> dict[str, Any]:
-        import numpy as np
+        from zimage.service.payload import to_payload
 
-        status = self.replica.status()
         return {
-            "pixels": np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in result.images]),
-            "seeds": list(result.seeds),
-            "timings": result.timings,
-            "model": result.model,
-            "memory_mode": str(result.memory_mode),
-            "device": result.device,
-            "notes": list(result.notes),
-            "vram": status.get("vram"),
+            **to_payload(result),
+            "vram": self.replica.status().get("vram"),
             "replica": self.identity,
         }

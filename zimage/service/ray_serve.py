@@ -8,9 +8,10 @@ cluster scheduler does is Ray's, not ours: placing replicas on GPUs of any box t
 router, one job per replica at a time), scaling the replica count between the cluster's GPUs at
 start and `--ray-max-replicas` when jobs queue, health checks, and replacing a replica that died.
 
-What stays here: connecting and deploying (with the loading banner's stages), cancel (the
-handle cancels the request, the replica cancels the job after its current step), turning Ray's
-errors into the package's one-sentence errors (ray_errors.py), and one retry: a job whose replica died under it
+What stays here: deploying (with the loading banner's stages; joining the cluster, the Serve
+options and reading the replica list are in ray_cluster.py), cancel (the handle cancels the
+request, the replica cancels the job after its current step), turning Ray's errors into the
+package's one-sentence errors (ray_errors.py), and one retry: a job whose replica died under it
 runs once more on another replica (Serve has already replaced the dead one or routes around it);
 if that one dies too, the user gets a clear message.
 
@@ -28,7 +29,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from zimage.errors import Cancelled, ReplicaFailed, ShuttingDown, ZImageError
-from zimage.service.ray_errors import ReplicaLost, cause_line, chain_text, explain, first_line
+from zimage.service import ray_cluster
+from zimage.service.payload import from_payload, last_run, relay_progress
+from zimage.service.ray_errors import ReplicaLost, cause_line, explain, first_line
 
 if TYPE_CHECKING:  # pragma: no cover
     from zimage.ops.profiler import LoadTimeline
@@ -137,7 +140,7 @@ class RayPool:
         from zimage.service import ray_replica
 
         stage = self._begin("connect to Ray")
-        ray = self._connect()
+        ray = ray_cluster.connect(self.address)
         self._connected = True
         gpus = int(ray.cluster_resources().get("GPU", 0))
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
@@ -183,59 +186,14 @@ class RayPool:
             with self._lock:
                 self._seen.setdefault(row.get("name", "ray"), _Seen(_identity(row), memory_mode=row.get("memory_mode")))
 
-    def _connect(self) -> Any:
-        import ray
-
-        kw: dict[str, Any] = {"namespace": "zimage", "logging_level": logging.WARNING, "ignore_reinit_error": True}
-        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's INFO lines: one per request
-        try:
-            if self.address == "local":  # a private cluster of this box, gone with the process
-                ray.init(include_dashboard=False, **kw)
-            else:
-                ray.init(address=self.address, **kw)
-        except ConnectionError as exc:
-            if "token" in chain_text(exc).lower():
-                raise ZImageError(
-                    f"The Ray cluster at {self.address} asks for its authentication token: start the studio with "
-                    "RAY_AUTH_MODE=token and the cluster's token in ~/.ray/auth_token (or RAY_AUTH_TOKEN)."
-                ) from None
-            if self.address == "auto":
-                raise ZImageError(
-                    "Setting 'ray' is auto but no Ray cluster runs on this box: start one with `ray start --head` "
-                    "(and `ray start --address HEAD:6379` on the other boxes), or use --ray local."
-                ) from None
-            raise ZImageError(
-                f"Could not connect to the Ray cluster at {self.address}: {first_line(exc)}. Is `ray start --head` "
-                "running there, and is this box part of the cluster (`ray start --address ...`)?"
-            ) from None
-        return ray
-
     def deployment_options(self, cluster_gpus: int) -> dict[str, Any]:
-        """Serve options: one GPU per replica (none with --device cpu), the replica count or the
-        autoscaling range (from the cluster's GPUs at start, at least 1, up to --ray-max-replicas)."""
-        s = self.settings
-        gpu = 0 if s.device == "cpu" else 1
-        options: dict[str, Any] = {"ray_actor_options": {"num_gpus": gpu, "num_cpus": 1}}
-        if s.ray_replicas == "auto":
-            self.min_replicas = max(1, cluster_gpus if gpu else 1)
-            self.max_replicas = max(self.min_replicas, s.ray_max_replicas)
-            options["autoscaling_config"] = {
-                "min_replicas": self.min_replicas,
-                "initial_replicas": self.min_replicas,
-                "max_replicas": self.max_replicas,
-                "target_ongoing_requests": 1,
-                "upscale_delay_s": 5.0,
-                "downscale_delay_s": 600.0,
-            }
-        else:
-            self.min_replicas = self.max_replicas = int(s.ray_replicas)
-            options["num_replicas"] = self.min_replicas
+        """Serve options (ray_cluster.deployment_options); keeps the least and most replicas."""
+        options, self.min_replicas, self.max_replicas = ray_cluster.deployment_options(self.settings, cluster_gpus)
         return options
 
     def replica_settings(self) -> Settings:
-        """What each replica loads with: its own GPU (Ray sets CUDA_VISIBLE_DEVICES), or the CPU."""
-        s = self.settings
-        return s.replace(device="cpu" if s.device == "cpu" else "cuda", ray="")
+        """What each replica loads with (ray_cluster.replica_settings)."""
+        return ray_cluster.replica_settings(self.settings)
 
     def _follow_start(self, stage: Any) -> None:
         """While serve.run waits: the banner shows how many replicas are up."""
@@ -290,16 +248,12 @@ class RayPool:
             for event in response:
                 kind = event[0]
                 if kind == "progress":
-                    _, phase, done, total = event
-                    if phase == "denoise":
-                        job.step = done
-                    if progress is not None:
-                        progress(phase, done, total)
+                    relay_progress(job, progress, *event[1:])
                 elif kind == "start":
                     seen = self._started(flight, event[1])
                     t0 = time.perf_counter()
                 elif kind == "result":
-                    result = self._result(event[1], request, job)
+                    result = from_payload(event[1], request, job, event[1]["replica"].get("name", ""))
                     outcome = "ok"
                     if seen is not None:
                         seen.jobs_done += 1
@@ -322,13 +276,7 @@ class RayPool:
                 self._inflight.pop(job.id, None)
             if seen is not None:
                 seen.busy_with = None
-                seen.last_run = {
-                    "when": time.time(),
-                    "seconds": round(time.perf_counter() - t0, 4),
-                    "outcome": outcome,
-                    "size": f"{request.width}x{request.height}",
-                    "steps": request.steps,
-                }
+                seen.last_run = last_run(t0, outcome, request)
 
     def _started(self, flight: _InFlight, identity: dict[str, Any]) -> _Seen:
         job = flight.job
@@ -352,24 +300,6 @@ class RayPool:
             identity.get("node_id"),
         )
         return seen
-
-    def _result(self, payload: dict[str, Any], request: GenerationRequest, job: Job) -> GenerationResult:
-        from PIL import Image
-
-        from zimage.service.result import GenerationResult
-
-        return GenerationResult(
-            request=request,
-            images=[Image.fromarray(a) for a in payload["pixels"]],
-            seeds=payload["seeds"],
-            timings=payload["timings"],
-            model=payload["model"],
-            memory_mode=payload["memory_mode"],
-            device=payload["device"],
-            job_id=job.id,
-            replica=payload["replica"].get("name", ""),
-            notes=list(payload["notes"]),
-        )
 
     def _watch_cancels(self) -> None:
         """One thread for every job in flight: a cancelled job's request is cancelled through the
@@ -397,25 +327,8 @@ class RayPool:
         status() reads what the last call found."""
         if not self._connected:  # asking Ray before connecting would start a cluster of its own
             return self._states, self._alive
-        import ray
-        from ray import serve
-
-        from zimage.service.ray_replica import APP_NAME
-
         try:
-            app = serve.status().applications.get(APP_NAME)
-            states: dict[str, int] = {}
-            if app is not None:
-                for dep in app.deployments.values():
-                    for state, count in dep.replica_states.items():
-                        key = str(getattr(state, "value", state))
-                        states[key] = states.get(key, 0) + count
-            prefix = f"SERVE_REPLICA::{APP_NAME}#"
-            alive = sorted(
-                "ray-" + a["name"].rsplit("#", 1)[-1]
-                for a in ray.util.list_named_actors(all_namespaces=True)
-                if a.get("name", "").startswith(prefix)
-            )
+            states, alive = ray_cluster.read_replicas()
         except Exception:  # noqa: BLE001 - the panel shows what it knew last
             return self._states, self._alive
         with self._lock:
@@ -496,27 +409,15 @@ class RayPool:
         if not self._connected:
             return
         self._connected = False
-        done = threading.Thread(target=self._leave, name="ray-close", daemon=True)
+        done = threading.Thread(
+            target=ray_cluster.leave, args=(self.handle is not None,), name="ray-close", daemon=True
+        )
         done.start()
         done.join(CLOSE_TIMEOUT_S)
         if done.is_alive():
             log.warning(
                 "the Ray cluster at %s did not answer within %.0fs; leaving it as it is", self.address, CLOSE_TIMEOUT_S
             )
-
-    def _leave(self) -> None:
-        try:
-            import ray
-            from ray import serve
-
-            from zimage.service.ray_replica import APP_NAME
-
-            if self.handle is not None:
-                serve.delete(APP_NAME)
-                log.info("Ray Serve: the zimage replicas are stopped")
-            ray.shutdown()
-        except Exception:  # noqa: BLE001 - the cluster may be gone already; nothing left to free
-            log.exception("stopping the Ray Serve replicas failed")
 
     # --- timeline helpers ---------------------------------------------------------------
 

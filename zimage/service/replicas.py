@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from zimage.errors import Cancelled, NotReady, ShuttingDown
 from zimage.model.compiler import speed_of
 from zimage.service.jobs import Job
+from zimage.service.payload import last_run
 
 if TYPE_CHECKING:  # pragma: no cover
     from zimage.service.request import GenerationRequest
@@ -353,13 +354,7 @@ class LocalReplica:
             outcome = "cancelled"
             raise
         finally:
-            self.last_run = {
-                "when": time.time(),
-                "seconds": round(time.perf_counter() - t0, 4),
-                "outcome": outcome,
-                "size": f"{request.width}x{request.height}",
-                "steps": request.steps,
-            }
+            self.last_run = last_run(t0, outcome, request)
             self._state = READY
 
     def status(self) -> dict[str, Any]:

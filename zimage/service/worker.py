@@ -10,7 +10,7 @@ One multiprocessing pipe per child carries tuples:
   child -> parent  ("load", timeline snapshot)   while loading, every half second
                    ("ready", info)  or  ("failed", message)
                    ("progress", phase, done, total)
-                   ("result", payload)  payload: uint8 pixels (n, H, W, 3), seeds, timings, notes...
+                   ("result", payload)  payload: service.payload (uint8 pixels, seeds, timings, notes...)
                    ("error", error class name, message, exit_after)
   parent -> child  ("run", request, job id)  or  ("close",)
 Cancel is one multiprocessing Event per child: the parent sets it, the child's runner reads it
@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from zimage import errors
 from zimage.errors import Cancelled, ReplicaFailed, ZImageError
 from zimage.service.child import child_main
+from zimage.service.payload import from_payload, last_run, relay_progress
 from zimage.service.replicas import BUSY, FAILED, LOADING, READY, RESTARTING, STOPPED, ProgressFn
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -203,11 +204,7 @@ class ProcessReplica:
                     continue
                 kind = msg[0]
                 if kind == "progress":
-                    _, phase, done, total = msg
-                    if phase == "denoise":
-                        job.step = done
-                    if progress is not None:
-                        progress(phase, done, total)
+                    relay_progress(job, progress, *msg[1:])
                 elif kind == "preview":  # a live preview frame (service.preview.Frame's fields)
                     from zimage.service.preview import Frame
 
@@ -230,38 +227,17 @@ class ProcessReplica:
                 "and the other GPUs keep serving. Please try again."
             ) from None
         finally:
-            self.last_run = {
-                "when": time.time(),
-                "seconds": round(time.perf_counter() - t0, 4),
-                "outcome": outcome,
-                "size": f"{request.width}x{request.height}",
-                "steps": request.steps,
-            }
+            self.last_run = last_run(t0, outcome, request)
             if exit_after:
                 self.restart_later(exit_after)
             elif self._state == BUSY:
                 self._set_state(READY)
 
     def _result(self, payload: dict[str, Any], request: GenerationRequest, job: Job) -> GenerationResult:
-        from PIL import Image
-
-        from zimage.service.result import GenerationResult
-
         self.vram = payload.get("vram") or self.vram
         self.oom_total = payload.get("oom_total", self.oom_total)
         self.info["speed"] = payload.get("speed") or self.info.get("speed")  # the child's compile beside
-        return GenerationResult(
-            request=request,
-            images=[Image.fromarray(a) for a in payload["pixels"]],
-            seeds=payload["seeds"],
-            timings=payload["timings"],
-            model=payload["model"],
-            memory_mode=payload["memory_mode"],
-            device=payload["device"],
-            job_id=job.id,
-            notes=payload["notes"],
-            compute_path=payload.get("compute_path", "eager"),
-        )
+        return from_payload(payload, request, job)
 
     # --- failing and coming back ----------------------------------------------------------
 
