@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zimage.model.lora import linear_layers, random_lora, save_lora
+from zimage.model.lora import linear_layers
+from zimage.model.lora_random import random_lora, save_lora
 from zimage.service.pngmeta import read_parameters
 
 from .support import App
