@@ -34,10 +34,11 @@ def test_rest_calls_get_the_forms_defaults_for_what_they_leave_out(engine, make_
     demo = _studio(engine, make_settings)
     defaults = api.api_defaults(demo)["generate"]
     w, h = engine.default_size
-    assert defaults == ["", "", w, h, 8, 0.0, -1, 1, 3.0]  # prompt, negative, size, steps, guidance, seed, count, shift
+    tools = [None, None, 0.6, 8, [], 256, ""]  # image, mask, strength, feather, outpaint sides and px, loras
+    assert defaults == ["", "", w, h, 8, 0.0, -1, 1, 3.0, *tools]  # prompt, negative, size, steps, ..., shift
     padded = json.loads(api._pad(b'{"data": ["a cat"]}', defaults))
-    assert padded["data"] == ["a cat", "", w, h, 8, 0.0, -1, 1, 3.0]
-    full = b'{"data": ["a", "b", 64, 64, 2, 0, 5, 1, 4.0]}'
+    assert padded["data"] == ["a cat", "", w, h, 8, 0.0, -1, 1, 3.0, *tools]
+    full = b'{"data": ["a", "b", 64, 64, 2, 0, 5, 1, 4.0, null, null, 0.6, 8, [], 256, ""]}'
     assert api._pad(full, defaults) == full  # a full call goes through untouched
     assert api._pad(b"not json", defaults) == b"not json"  # Gradio answers that itself
     assert "cancel" not in api.api_defaults(demo) or api.api_defaults(demo)["cancel"] == []
@@ -261,7 +262,7 @@ def test_a_queue_join_with_the_older_argument_list_gets_the_defaults(engine, mak
     mw = api.ApiDefaults(None, demo)
     by_id = mw._for("/gradio_api/queue/join")
     old = json.dumps({"fn_index": fn._id, "data": ["a cat", "", 64, 64, 2, 0.0, 5, 1], "session_hash": "s"})
-    assert json.loads(api._pad(old.encode(), by_id))["data"][-1] == 3.0  # the shift added
+    assert json.loads(api._pad(old.encode(), by_id))["data"][8] == 3.0  # the shift added (and the toolbox after)
     page_event = next(f for f in demo.fns.values() if f.name == "generate_ui")
     other = json.dumps({"fn_index": page_event._id, "data": ["a cat"], "session_hash": "s"}).encode()
     assert api._pad(other, by_id) == other  # only public endpoints are padded

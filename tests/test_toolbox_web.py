@@ -1,6 +1,8 @@
 """The page side of the toolbox without a browser: raw Gradio payloads (page and API) to request
 fields, the upload path rule, the LoRA text, "Use this result" and restoring from a PNG's metadata."""
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
@@ -56,26 +58,109 @@ def test_files_outside_the_upload_folder_are_refused(tmp_path):
     assert "passwd" in str(info.value) and "uploaded to this studio" in str(info.value)
 
 
-def test_the_upload_guard_allows_only_gradio_uploads_and_our_outputs(engine, tmp_path):
+def test_the_source_and_mask_pass_the_askers_path_rule(engine, tmp_path):
+    """The toolbox uses guard.py's rule: the asker's uploads and own images; /etc/passwd and another
+    user's image are refused with a sentence naming the file."""
     from gradio.utils import get_upload_folder
 
-    guard = toolbox.upload_guard(engine)
-    assert not guard("/etc/passwd") and not guard(str(tmp_path / "nothing.png"))
-    up = get_upload_folder()
-    import os
+    from zimage.web.guard import Access, Refused
 
-    os.makedirs(up, exist_ok=True)
-    inside = os.path.join(up, "zimage-guard-test.png")
-    source_image().save(inside)
+    access = Access(engine.store, users=[("alice", "pa"), ("bob", "pb")])
+    alice, bob = access.viewer_of("alice"), access.viewer_of("bob")
+
+    def rule(viewer):
+        return lambda path: str(access.check(path, viewer))
+
+    with pytest.raises(Refused) as info:
+        toolbox.request_fields(file_data("/etc/passwd"), None, 0.6, 0, [], 0, "", rule(bob))
+    assert "'passwd' is not one of your images or uploads" in info.value.message
+    result = engine.generate(engine.default_request("a fox", width=64, height=64, steps=1, seed=3, owner="alice"))
+    hers = result.wait_saved(30)[0]
+    assert toolbox.request_fields(file_data(hers), None, 0.5, 0, [], 0, "", rule(alice))["image"] == hers
+    with pytest.raises(Refused) as info:
+        toolbox.request_fields({"background": file_data(hers), "layers": []}, None, 0.5, 0, [], 0, "", rule(bob))
+    assert "is not one of your images" in info.value.message
+    with pytest.raises(Refused):  # the mask is checked as well, with or without a source
+        toolbox.request_fields(None, file_data(hers), 0.5, 0, [], 0, "", rule(bob))
+    upload = tmp_path / "up.png"
+    os.makedirs(get_upload_folder(), exist_ok=True)
+    upload = os.path.join(get_upload_folder(), "zimage-toolbox-rule-test.png")
+    source_image().save(upload)
     try:
-        assert guard(inside) and not guard(os.path.join(up, "..", "elsewhere.png"))
+        with pytest.raises(Refused):  # not granted to bob: an upload is its uploader's
+            toolbox.request_fields(file_data(upload), None, 0.5, 0, [], 0, "", rule(bob))
+        access.grant(upload, bob)
+        assert toolbox.request_fields(file_data(upload), None, 0.5, 0, [], 0, "", rule(bob))["image"].endswith(
+            "zimage-toolbox-rule-test.png"
+        )
     finally:
-        os.remove(inside)
+        os.remove(upload)
+
+
+def test_a_mask_without_a_source_is_refused_by_the_engine_in_a_sentence(tmp_path):
+    from zimage.service.request import GenerationRequest, validate
+
+    Image.new("L", (64, 64), 255).save(tmp_path / "m.png")
+    fields = toolbox.request_fields(None, file_data(tmp_path / "m.png"), 0.6, 8, [], 0, "", allow_under(tmp_path))
+    with pytest.raises(InvalidRequest) as info:
+        validate(GenerationRequest(prompt="a cat", width=256, height=256, steps=2, **fields))
+    assert "mask" in str(info.value) and "source image" in str(info.value)
+
+
+def test_the_note_says_what_each_setting_does_for_the_case_at_hand(tmp_path):
+    source_image().save(tmp_path / "bg.png")
+    allow = allow_under(tmp_path)
+    assert toolbox.explain(None, None, 0.6, 8, [], 256, True, 8, "en", allow) == ""
+    assert "do nothing" in toolbox.explain(None, None, 0.6, 8, ["left"], 256, True, 8, "en", allow)
+    plain = toolbox.explain({"background": file_data(tmp_path / "bg.png"), "layers": []}, None, 0.5, 8, [], 0, True, 8)
+    assert "About 4 of 8 steps" in plain and "feather does nothing without a mask" in plain
+    assert "width and height fields are not used" in plain
+    layer = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    ImageDraw.Draw(layer).rectangle((10, 10, 20, 20), fill=(255, 255, 255, 255))
+    layer.save(tmp_path / "layer.png")
+    painted = {"background": file_data(tmp_path / "bg.png"), "layers": [file_data(tmp_path / "layer.png")]}
+    note = toolbox.explain(painted, None, 1.0, 8, ["top"], 32, False, 8, "zh-CN", allow)
+    assert "局部重绘" in note and "32" in note and "宽度和高度" in note
+
+
+def test_summary_and_lora_notes_are_honest_and_bilingual(engine):
+    details = {
+        "mode": "inpaint",
+        "strength": 0.7,
+        "source_sha256": "cd" * 32,
+        "mask": True,
+        "loras": [{"name": "style.safetensors", "weight": 0.5, "sha256": "ef" * 32}],
+    }
+    line = toolbox.summary_line(details)
+    assert "inpaint · strength 0.7 · source sha256 cdcdcdcdcdcd" in line and "mask yes" in line
+    assert "style.safetensors ×0.5 (efefefefefef" in line
+    assert toolbox.summary_line({"seed": 1}) == ""
+    note = toolbox.lora_note_md(engine)
+    assert "weight 0 gives the same pixels as no LoRA" in note
+    assert ("No LoRA files in" in note) == (not engine.loras.names())
+    assert "权重 0" in toolbox.lora_note_md(engine, "zh-CN")
+
+
+def test_a_reload_puts_back_the_toolbox_while_its_files_are_still_the_askers(tmp_path):
+    source_image().save(tmp_path / "bg.png")
+    editor = {"background": file_data(tmp_path / "bg.png"), "layers": [], "composite": None}
+    form = {"tools": (editor, None, 0.3, 4, ["left"], 64, "a.safetensors:0.5"), "source_size": False}
+    back = toolbox.reload(form, allow_under(tmp_path))
+    assert back[0]["background"] == str(tmp_path / "bg.png") and back[2:] == [
+        0.3,
+        4,
+        ["left"],
+        64,
+        "a.safetensors:0.5",
+        False,
+    ]
+    gone = toolbox.reload(form, lambda path: False)  # swept from the cache, or not the asker's
+    assert gone[0] == {"__type__": "update"} and gone[2] == 0.3
+    assert toolbox.reload({}, allow_under(tmp_path)) == [{"__type__": "update"}] * toolbox.RELOADED
 
 
 def test_use_this_result_and_the_picked_loras(tmp_path):
-    value = toolbox._use_result([(str(tmp_path / "r.png"), "seed 1")])
-    assert value["background"] == str(tmp_path / "r.png") and value["layers"] == []
+    assert toolbox._use_result([(str(tmp_path / "r.png"), "seed 1")]) == str(tmp_path / "r.png")
     assert toolbox._with_picked(["a.safetensors", "b.safetensors"], "a.safetensors:0.3") == (
         "a.safetensors:0.3, b.safetensors:1"
     )

@@ -17,41 +17,31 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import anyio
 import gradio as gr
 
-from zimage.errors import UnreadableImage, ZImageError
-from zimage.model.presets import ASPECT_RATIOS
-from zimage.service.pngmeta import clean_parameters, read_parameters, read_parameters_checked
-from zimage.service.request import GUIDANCE_MAX, GenerationRequest
+from zimage.errors import ZImageError
 from zimage.service.store import write_problem
-from zimage.web import gqueue
-from zimage.web.guard import INTERNAL_ERROR, Access, Refused, access_of
+from zimage.web import gqueue, toolbox
+from zimage.web.form import TOKEN_LIMIT, FormHandlers, FormValues
+from zimage.web.guard import INTERNAL_ERROR, Access, access_of
 from zimage.web.history import History
 from zimage.web.i18n import lang_of, t
-from zimage.web.panels import (
-    _s,
-    parameters_markdown,
-    render_banner,
-    render_live,
-    render_profiler,
-    render_queue_note,
-    render_tokens,
-    summary_markdown,
-)
+from zimage.web.images import ImageHandlers
+from zimage.web.livepanel import GPU_QUEUE, PanelHandlers, _session
+from zimage.web.panels import _s, render_live, summary_markdown
 from zimage.web.runs import Runs
-from zimage.web.sizes import CUSTOM, match_preset, preset_size, ratio_label, size_note, size_tiers
+from zimage.web.sizes import size_tiers
+
+__all__ = ["GPU_QUEUE", "TOKEN_LIMIT", "FormValues", "Studio"]
 
 log = logging.getLogger(__name__)
 
-GPU_QUEUE = "gpu"  # the one concurrency group of every listener that runs the pipeline
 PROGRESS_EVERY_S = 0.1  # at most ten progress updates a second to each browser
-TOKEN_LIMIT = 512  # the text encoder reads this many tokens (the pipeline's max_sequence_length)
-ASPECT_LABELS = tuple(ratio_label(r) for r in ASPECT_RATIOS)
 
 # ------------------------------------------------------------------------------------------
 # the handlers
@@ -64,10 +54,6 @@ def _who(request) -> str:
         return str(user)
     client = getattr(request, "client", None)
     return str(getattr(client, "host", "") or "") if client else ""
-
-
-def _session(request) -> str:
-    return getattr(request, "session_hash", None) or ""
 
 
 class _Progress:
@@ -100,39 +86,7 @@ class _Progress:
         self.last_push = now
 
 
-@dataclass(frozen=True)
-class FormValues:
-    """The form's values as Gradio sends them (raw: the engine validates), in the API's argument order.
-    None (an argument left out) means the model preset's default."""
-
-    prompt: Any = ""
-    negative_prompt: Any = ""
-    width: Any = None
-    height: Any = None
-    steps: Any = None
-    guidance: Any = 0.0
-    seed: Any = -1
-    count: Any = 1
-    shift: Any = None
-
-    def request(self, user: str, defaults: tuple[int, int, int], owner: str = "") -> GenerationRequest:
-        w, h, steps = defaults
-        return GenerationRequest(
-            prompt=self.prompt if self.prompt is not None else "",
-            negative_prompt=self.negative_prompt or "",
-            width=_number(self.width, w),
-            height=_number(self.height, h),
-            steps=_number(self.steps, steps),
-            guidance=self.guidance if self.guidance is not None else 0.0,
-            seed=_number(self.seed, -1),
-            count=_number(self.count, 1),
-            shift=self.shift if self.shift not in (None, "") else None,
-            user=user,
-            owner=owner,
-        )
-
-
-class Studio:
+class Studio(FormHandlers, ImageHandlers, PanelHandlers):
     """Holds the engine, the runs and the history; its methods are the page's event handlers."""
 
     def __init__(self, engine: Any, ops: Any, settings: Any):
@@ -172,6 +126,12 @@ class Studio:
         """One line on whose images the history shows."""
         return t(lang, self.space_note_key())
 
+    def _files_of(self, request: Any):
+        """guard.py's path rule for the files this request names (a source picture, a mask): the
+        asker's uploads and own images only; anything else is refused with a sentence."""
+        access, viewer = self.access, self.access.viewer(request)
+        return lambda path: str(access.check(path, viewer))
+
     @property
     def defaults(self) -> tuple[int, int, int]:
         w, h = self.engine.default_size
@@ -190,6 +150,13 @@ class Studio:
         seed: float = -1,
         count: float = 1,
         shift: float | None = None,
+        image: Any = None,
+        mask: Any = None,
+        strength: float | None = None,
+        feather: float | None = None,
+        outpaint_sides: list[str] | None = None,
+        outpaint_px: float | None = None,
+        loras: str | None = None,
         request: gr.Request = None,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects it through this default
     ):
@@ -201,10 +168,12 @@ class Studio:
         session = _session(request)
         with self._jobs_lock:
             self._jobs[session] = job
-        values = FormValues(prompt, negative_prompt, width, height, steps, guidance, seed, count, shift)
+        tools = (image, mask, strength, feather, outpaint_sides, outpaint_px, loras)
+        values = FormValues(prompt, negative_prompt, width, height, steps, guidance, seed, count, shift, tools)
+        check = self._files_of(request)
         try:
             gallery, details = await anyio.to_thread.run_sync(
-                self._generate, job, values, _who(request), owner, progress, abandon_on_cancel=True
+                self._generate, job, values, _who(request), owner, progress, check, abandon_on_cancel=True
             )
             if details.get("save_error"):
                 # the images kept in Gradio's cache are the asker's, as their uploads are
@@ -221,12 +190,12 @@ class Studio:
                 if self._jobs.get(session) is job:
                     del self._jobs[session]
 
-    def _generate(self, job: Any, values: FormValues, user: str, owner: str, progress: gr.Progress):
+    def _generate(self, job: Any, values: FormValues, user: str, owner: str, progress: gr.Progress, check: Any):
         engine = self.engine
         feed = _Progress(progress)
         try:
+            req = values.request(user, self.defaults, owner, check)  # a bad file is refused before the wait
             self._wait_for_model(progress, job)
-            req = values.request(user, self.defaults, owner)
             result = engine.generate(req, job=job, progress=feed, save=True, wait_ready=30.0)
             progress(1.0, desc="Saving PNG…")
             paths = result.wait_saved(timeout=120)
@@ -272,26 +241,35 @@ class Studio:
         preview: Any,
         client: Any,
         request: gr.Request,
+        *tools: Any,
     ):
         """The page's Generate: yields (gallery, details, live, summary, download, last seed, note).
+        `tools`: the toolbox's values (toolbox.Toolbox.page_inputs: the API's seven, then "output at
+        the source's size").
 
         Bad input is refused at once with the engine's own message; a cancelled run says so in
         words and leaves the previous result on the page."""
         lang = lang_of(request)
-        values = FormValues(prompt, negative_prompt, width, height, steps, guidance, seed, count, shift)
+        api_tools, source_size = tuple(tools[:7]), (tools[7] if len(tools) > 7 else True)
+        values = FormValues(prompt, negative_prompt, width, height, steps, guidance, seed, count, shift, api_tools)
+        owner = self._owner(request)
         try:
+            from dataclasses import replace
+
             from zimage.service.request import validate
 
-            validate(values.request("", self.defaults), self.engine.limits)
+            req = values.request(_who(request), self.defaults, owner, self._files_of(request))
+            if source_size and req.image is not None:  # the page's size fields are ignored (the note says so)
+                req = replace(req, width=0, height=0)
+            validate(req, self.engine.limits)
         except ZImageError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
-        owner = self._owner(request)
         run = self.runs.start(
-            values.request(_who(request), self.defaults, owner),
+            req,
             client=str(client or ""),
             session=_session(request),
             user=owner,
-            form=asdict(values),
+            form={**asdict(values), "source_size": bool(source_size)},
             preview=bool(preview),
         )
         tokens = self.count_tokens(prompt)
@@ -320,7 +298,8 @@ class Studio:
             files = [p for p in run.paths if Path(p).is_file() and not Path(p).is_symlink()]
             download = gr.update(value=files or None, visible=bool(files))
             live = render_live({"state": "done", "total_s": (details.get("timings") or {}).get("total_s")}, lang)
-            return gallery, details, live, summary_markdown(details, lang), download, details.get("seed", -1), ""
+            summary = summary_markdown(details, lang) + toolbox.summary_line(details, lang)
+            return gallery, details, live, summary, download, details.get("seed", -1), ""
         if run.state == "cancelled":
             live = render_live({"state": "cancelled", "reason": run.cancel_reason}, lang)
             return skip, skip, live, skip, skip, skip, skip
@@ -382,19 +361,20 @@ class Studio:
         browser; for a known one, its last form and result, and a word if its last run was cancelled.
         A run still going is taken over by this page; the id returned last makes `follow` show it.
 
-        Returns (client, gallery, details, live, summary, download, last seed, note, *form, follow)."""
+        Returns (client, gallery, details, live, summary, download, last seed, note, *form, *toolbox,
+        follow)."""
         import uuid
 
         lang = lang_of(request)
         skip = gr.skip()
-        nothing = (skip, skip, "", skip, skip, skip, skip, *([skip] * 11), skip)
+        nothing = (skip, skip, "", skip, skip, skip, skip, *([skip] * (11 + toolbox.RELOADED)), skip)
         client = str(client or "")
         if not client:
             return (uuid.uuid4().hex, *nothing)
         run = self.runs.last_of_client(client, self._owner(request))
         if run is None:
             return (skip, *nothing)
-        form = self.use_settings(run.form, keep_count=True)
+        form = [*self.use_settings(run.form, keep_count=True), *toolbox.reload(run.form, self._files_of(request))]
         done = self.runs.last_done_of_client(client, self._owner(request))
         shown = [skip] * 5
         if done is not None and done is not run:
@@ -417,226 +397,6 @@ class Studio:
         if run is None:
             return
         yield from self._follow(run, lang_of(request))
-
-    # --- history, parameters ------------------------------------------------------------
-
-    def history(self, query: str = "", shown: int = 0, request: gr.Request = None):
-        """(gallery items, count line, how many shown, load-more button) for this user."""
-        lang = lang_of(request)
-        return self.history_view.page(query, shown, self._space(request), lang)
-
-    def history_if_open(self, query: str, shown: int, is_open: bool, request: gr.Request = None):
-        if not is_open:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        return self.history(query, shown, request)
-
-    def more_history(self, query: str, shown: int, request: gr.Request = None):
-        lang = lang_of(request)
-        return self.history_view.page(query, shown, self._space(request), lang, more=True)
-
-    def delete_image(
-        self, params: dict[str, Any], query: str, shown: int, confirmed: str = "", request: gr.Request = None
-    ):
-        """Delete the selected image once the page asked and the answer was yes; its path was checked
-        when it was selected, and only a file of the asker's own space is deleted."""
-        lang = lang_of(request)
-        space = self._space(request)
-        path = (params or {}).get("_path") if isinstance(params, dict) else None
-        if confirmed != "yes":  # the answer was no: the parameters stay shown, and say so
-            shown = parameters_markdown(params, Path(path).name, lang) if path else ""
-            return (gr.skip(), f"{shown}  \n{t(lang, 'delete_kept')}", gr.skip(), gr.skip(), gr.skip(), gr.skip())
-        if not path:
-            note = t(lang, "delete_nothing")
-        elif self.history_view.delete(path, space):
-            note = t(lang, "deleted", name=Path(path).name)
-        else:
-            note = t(lang, "delete_refused")
-        items = self.history_view.page(query, max(shown, 1), space, lang)
-        return ({}, note, *items)
-
-    def select_image(self, evt: gr.SelectData, request: gr.Request = None):
-        lang = lang_of(request)
-        value = evt.value if isinstance(evt.value, dict) else {}
-        image = value.get("image")
-        path = image.get("path") if isinstance(image, dict) else None
-        if not path or not isinstance(path, str):
-            return {}, t(lang, "select_an_image")
-        try:  # the path comes from the browser: only the asker's own images and uploads
-            real = self.access.check(path, self.access.viewer(request))
-        except Refused:
-            return {}, t(lang, "not_ours")
-        try:
-            params = read_parameters(real)
-        except (UnreadableImage, OSError):
-            params = {}
-        return {**params, "_path": str(real)}, parameters_markdown(params, real.name, lang)
-
-    def load_png(self, file: Any, request: gr.Request = None):
-        """A PNG dropped on the page: the image, its parameters (ours or A1111-style), and the form
-        filled with them. The file is an upload of this session (guard.py refused anything else
-        before this runs); its chunks are read without decoding a pixel, and every field is checked."""
-        lang = lang_of(request)
-        path = getattr(file, "name", file)
-        no_change = [gr.update()] * 11
-        hidden = gr.update(value=None, visible=False)
-        if not path:
-            return [{}, "", hidden, *no_change]
-        if not isinstance(path, (str, Path)):
-            raise Refused("Drop a PNG file (from zimage, AUTOMATIC1111, Forge...) to load its settings.")
-        name = Path(str(path)).name
-        try:
-            params, dropped = read_parameters_checked(path)
-        except UnreadableImage as exc:
-            return [{}, f"{t(lang, 'not_a_png', name=name)} {exc}", hidden, *no_change]
-        except OSError:
-            return [{}, t(lang, "not_a_png", name=name), hidden, *no_change]
-        shown = gr.update(value=str(path), visible=True)
-        if not params:
-            return [{}, t(lang, "no_parameters", name=name), shown, *no_change]
-        note = f"  \n{t(lang, 'left_out', fields=', '.join(dropped))}" if dropped else ""
-        return [params, parameters_markdown(params, name, lang) + note, shown, *self.use_settings(params)]
-
-    def use_settings(self, params: dict[str, Any], keep_count: bool = False):
-        """Form values from a parameters dict: prompt, negative, width, height, steps, guidance, seed,
-        count, shift, aspect, tier."""
-        raw = params if isinstance(params, dict) else {}
-        params = clean_parameters(raw)[0]
-        for key in ("count", "shift"):  # the page's own form (a reload) keeps these as they were
-            if key in raw and key not in params and keep_count:
-                params[key] = raw[key]
-        if not params:
-            return [gr.update()] * 11
-        keep = gr.update()
-        w = _whole(params.get("width"))
-        h = _whole(params.get("height"))
-        aspect, tier = (
-            match_preset(w, h, self.tiers, self.settings.min_size, self.settings.max_size)
-            if w and h
-            else (CUSTOM, None)
-        )
-        shift = params.get("shift")
-        return [
-            params.get("prompt", keep),
-            params.get("negative_prompt", keep),
-            w if w else keep,
-            h if h else keep,
-            params.get("steps", keep),
-            params.get("guidance", keep),
-            params.get("seed", keep),
-            (params.get("count") or keep) if keep_count else 1,  # an image's own seed: one image
-            shift if shift is not None else keep,
-            aspect,
-            tier if tier is not None else keep,
-        ]
-
-    # --- the prompt's length in tokens ------------------------------------------------------
-
-    def count_tokens(self, prompt: Any) -> int | None:
-        """Tokens the text encoder would see (with the chat template), None before the model is loaded.
-        Uses its own copy of the tokenizer: a fast tokenizer must not be shared across threads."""
-        pipe = self.engine.pipe
-        if pipe is None or not isinstance(prompt, str):
-            return None
-        with self._tokenizer_lock:
-            if self._tokenizer is None:
-                import copy
-
-                self._tokenizer = copy.deepcopy(pipe.tokenizer)
-            tok = self._tokenizer
-            text = tok.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True, enable_thinking=True
-            )
-            return len(tok(text, padding=False, truncation=False)["input_ids"])
-
-    def tokens(self, prompt: Any, request: gr.Request = None) -> str:
-        return render_tokens(self.count_tokens(prompt), TOKEN_LIMIT, lang_of(request))
-
-    # --- small form helpers ---------------------------------------------------------------
-
-    def pick_preset(self, aspect: str, tier: Any):
-        if aspect == CUSTOM or tier is None:
-            return gr.update(), gr.update(), gr.update()
-        if aspect not in ASPECT_LABELS:
-            raise Refused(f"Aspect ratio must be one of {', '.join(ASPECT_LABELS)} or {CUSTOM} (got {_short(aspect)}).")
-        if _whole(tier) not in self.tiers:
-            raise Refused(f"Resolution must be one of {', '.join(map(str, self.tiers))} (got {_short(tier)}).")
-        w, h, note = preset_size(aspect, _whole(tier), self.settings.min_size, self.settings.max_size)
-        return w, h, size_note(w, h, note)
-
-    def custom_size(self, width: Any, height: Any):
-        w, h = _whole(width), _whole(height)
-        return CUSTOM, size_note(w, h) if w is not None and h is not None else ""
-
-    @staticmethod
-    def negative_state(guidance: float, request: gr.Request = None):
-        lang = lang_of(request)
-        try:
-            guidance = float(guidance or 0.0)
-        except (TypeError, ValueError, OverflowError):
-            raise Refused(f"Guidance must be a number from 0 to {GUIDANCE_MAX:g} (got {_short(guidance)}).") from None
-        if guidance > 0:
-            return gr.update(
-                interactive=True,
-                info=t(lang, "negative_in_use", g=f"{float(guidance):g}"),
-                elem_classes=["zi-negative"],
-            )
-        return gr.update(
-            interactive=False,
-            info=t(lang, "negative_inactive"),
-            elem_classes=["zi-negative", "zi-inactive"],
-        )
-
-    # --- live panel ----------------------------------------------------------------------
-
-    def tick(self, request: gr.Request = None):
-        """(profiler, banner, queue note): the live panel, and this tab's place in the queue."""
-        lang = lang_of(request)
-        status = self.engine.status()
-        try:
-            ops_status = self.ops.status() if self.ops is not None else {}
-        except Exception:  # noqa: BLE001 - the panel must keep answering
-            log.exception("ops.status failed")
-            ops_status = {"status": "unavailable (see log)"}
-        waiting = gqueue.waiting(self.blocks, GPU_QUEUE)
-        users: dict[str, int] = {}
-        for w in waiting:
-            users[w.user or "-"] = users.get(w.user or "-", 0) + 1
-        queue = {"waiting": len(waiting), "users": users}
-        return (
-            render_profiler(status, ops_status, queue, lang),
-            render_banner(status, lang),
-            render_queue_note(self.place(_session(request), waiting), lang),
-        )
-
-    def place(self, session: str, waiting: list[gqueue.Waiting] | None = None) -> dict[str, Any] | None:
-        """This tab's first waiting job: its place in line and an ETA from measured step times."""
-        waiting = gqueue.waiting(self.blocks, GPU_QUEUE) if waiting is None else waiting
-        mine = next((i for i, w in enumerate(waiting) if w.session == session), None)
-        if mine is None:
-            return None
-        clock = self.runs.clock
-        running = self.runs.running()
-        busy = self.engine.running_job is not None or gqueue.running_count(self.blocks, GPU_QUEUE) > 0
-        eta: float | None = 0.0
-        if running is not None:
-            eta = clock.remaining(running)
-        elif busy:
-            eta = None  # an API job: its size is not known here
-        w0, h0, s0 = self.defaults
-        for w in waiting[: mine + 1]:
-            if eta is None:
-                break
-            est = clock.estimate(w.width or w0, w.height or h0, w.steps or s0, w.count or 1, like=running)
-            eta = None if est is None else eta + est
-        return {
-            "place": mine + 1 + (1 if busy else 0),
-            "eta_s": eta,
-            "running_mine": bool(self.runs.active_of_session(session)),
-        }
-
-    def gradio_waiting(self) -> int:
-        """Requests waiting in Gradio's queue (not yet handed to the engine)."""
-        return len(gqueue.waiting(self.blocks, GPU_QUEUE))
 
 
 def _gallery(result: Any, paths: list[str], details: dict[str, Any]) -> list[tuple[str, str]]:
@@ -662,28 +422,3 @@ def _gallery(result: Any, paths: list[str], details: dict[str, Any]) -> list[tup
                 f"{details['save_error']} Some could not be kept for download either, because {write_problem(exc)}."
             )
     return items
-
-
-def _whole(value: Any) -> int | None:
-    """A whole number from a widget value, or None (junk, infinities, booleans)."""
-    if isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError, OverflowError):
-        return None
-    return int(number) if number == number and abs(number) < 1e9 and number.is_integer() else None
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _number(value: Any, default: int | None = None) -> Any:
-    """Whole numbers from Gradio widgets (which may send floats) stay exact; the engine validates the rest."""
-    if value is None or value == "":
-        return default if default is not None else value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value

@@ -1,10 +1,11 @@
 """The studio page: a Gradio 6 Blocks UI built around one injected Engine.
 
 `build_ui(engine, ops, settings)` returns the Blocks; server.py mounts it on FastAPI with the
-options from `page_options()`. The widgets are declared here; what they do lives in
-handlers.py (the Studio), what the panels show in panels.py, the size arithmetic in sizes.py,
-the words in i18n.py, the browser side (language and theme switches, phone scrolling, the
-delete question) in static/studio.js.
+options from `page_options()` (look.py: assets, theme, header). The widgets are declared here;
+their small events are wired in wiring.py, what they do lives in handlers.py (the Studio), what
+the panels show in panels.py, the size arithmetic in sizes.py, the words in i18n.py, the image to
+image / inpaint and LoRA areas in toolbox.py, the browser side (language and theme switches, phone
+scrolling, the delete question) in static/studio.js.
 
 Every GPU listener shares one `concurrency_id` with a limit of one per replica (one per GPU), so
 Gradio's own queue is where people wait (the page shows each tab its place and an ETA); the
@@ -14,24 +15,27 @@ follows its run with live previews, the API's answers with the PNGs in one call.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from zimage.model.presets import ASPECT_RATIOS
 from zimage.service.request import GUIDANCE_MAX, SEED_MAX, SHIFT_MAX, SHIFT_MIN
+from zimage.web import toolbox
 from zimage.web.handlers import GPU_QUEUE, Studio
-from zimage.web.i18n import gradio_i18n, t, tr
-from zimage.web.panels import _e, render_banner, render_profiler
+from zimage.web.i18n import tr
+from zimage.web.look import ASSETS, _header_html, bilingual, load_examples, page_options, theme
+from zimage.web.panels import render_banner, render_profiler
 from zimage.web.sizes import CUSTOM, match_preset, ratio_label, size_note
+from zimage.web.wiring import _neg_kwargs, _whole_slider, _wire_form, _wire_images
+
+# page_options, theme, ASSETS and load_examples live in look.py; named here as before
+__all__ = ["ASSETS", "CACHE_SWEEP", "GPU_QUEUE", "build_ui", "load_examples", "page_options", "theme"]
 
 log = logging.getLogger(__name__)
 
-ASSETS = Path(__file__).resolve().parent / "static"  # package data: found the same once pip-installed
 # Gradio copies every returned image into its cache; these copies are only needed while a page
 # shows them (history is served from the outputs folder), so sweep hourly, keep six hours.
 CACHE_SWEEP = (3600, 6 * 3600)
@@ -44,59 +48,8 @@ API_DESCRIPTION = (
     "default), seed (-1 = random), count (images; seeds s, s+1, ...), shift (the scheduler's time "
     "shift, 1-10; 3 is the model's own). Returns the gallery (the saved PNG files, parameters "
     "embedded) and a details dict with the seeds actually used, stage timings, memory mode and device."
+    + toolbox.API_NOTE
 )
-
-
-# ------------------------------------------------------------------------------------------
-# assets and page options
-
-
-def load_examples(path: Path | None = None) -> list[dict[str, str]]:
-    """Example prompts ({lang, prompt}) from static/examples.json; [] when the file is missing."""
-    path = path or ASSETS / "examples.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        log.warning("no example prompts: cannot read %s", path)
-        return []
-    items = data.get("examples", []) if isinstance(data, dict) else data
-    return [e for e in items if isinstance(e, dict) and isinstance(e.get("prompt"), str)]
-
-
-def _asset(name: str) -> str:
-    try:
-        return (ASSETS / name).read_text(encoding="utf-8")
-    except OSError:
-        return ""
-
-
-def theme() -> gr.themes.Base:
-    return gr.themes.Soft(
-        primary_hue=gr.themes.colors.indigo,
-        secondary_hue=gr.themes.colors.teal,
-        neutral_hue=gr.themes.colors.slate,
-        # local fonts only: the studio must look right on machines without internet access
-        font=["Inter", "ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Noto Sans", "sans-serif"],
-        font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"],
-    ).set(
-        body_background_fill="*neutral_50",
-        body_background_fill_dark="*neutral_950",
-        block_radius="14px",
-        button_large_radius="12px",
-    )
-
-
-def page_options() -> dict[str, Any]:
-    """Keyword arguments for gr.mount_gradio_app: theme, css, js, translations, favicon."""
-    css = ASSETS / "studio.css"
-    logo = ASSETS / "logo.svg"
-    return {
-        "theme": theme(),
-        "css_paths": [css] if css.is_file() else [],
-        "js": _asset("studio.js") or None,
-        "i18n": gradio_i18n(),
-        "favicon_path": str(logo) if logo.is_file() else None,
-    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -257,6 +210,7 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
                     preview_on = gr.Checkbox(
                         value=True, label=tr("preview"), info=tr("preview_info"), elem_id="zi-preview-on"
                     )
+                tools = toolbox.build(engine)  # image to image / inpaint, LoRAs (toolbox.py)
 
             # ---------------- results, history, parameters
             with gr.Column(scale=6, min_width=320, elem_id="zi-output"):
@@ -273,6 +227,7 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
                             buttons=["download", "fullscreen"],
                             elem_id="zi-gallery",
                             preview=True,
+                            interactive=False,  # "Use this result" reads it: an input, yet not an upload box
                         )
                         summary = gr.Markdown("", elem_id="zi-summary")
                         download = gr.File(
@@ -353,7 +308,7 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
         ui_event = gr.on(
             triggers=[generate_btn.click, prompt.submit],
             fn=studio.generate_ui,
-            inputs=[*inputs.as_list(), preview_on, client],
+            inputs=[*inputs.as_list(), preview_on, client, *tools.page_inputs],
             outputs=run_outputs,
             concurrency_id=GPU_QUEUE,
             concurrency_limit=engine.concurrency,
@@ -368,7 +323,7 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
         api_trigger = gr.Button(visible=False, elem_id="zi-api")
         api_trigger.click(
             studio.generate,
-            inputs=inputs.as_list(),
+            inputs=[*inputs.as_list(), *tools.inputs],  # the toolbox's after: positional calls keep working
             outputs=[gallery, details],
             api_name="generate",
             api_description=API_DESCRIPTION,
@@ -399,7 +354,7 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
         demo.load(
             studio.restore,
             inputs=[client],
-            outputs=[client, *run_outputs, *form, following],
+            outputs=[client, *run_outputs, *form, *tools.reload_outputs, following],
             queue=False,
             show_progress="hidden",
             api_visibility="private",
@@ -431,7 +386,9 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
             more_btn,
             history_tab,
             refresh_btn,
+            tools,
         )
+        toolbox.wire(tools, gallery, steps, studio._files_of)
         history_tab.select(lambda: True, outputs=[history_open], queue=False, api_visibility="private")
         for tab in (result_tab, load_tab):
             tab.select(lambda: False, outputs=[history_open], queue=False, api_visibility="private")
@@ -449,108 +406,3 @@ def build_ui(engine: Any, ops: Any, settings: Any) -> gr.Blocks:
 
     demo.queue(max_size=settings.queue_size, api_open=False, default_concurrency_limit=1)
     return demo
-
-
-def _whole_slider(lo: int, hi: int, value: int, label: str, info: str, elem_id: str) -> gr.Slider | gr.Number:
-    """A slider of whole numbers; a fixed, read-only number when the settings leave one choice
-    (max_count 1, max_steps 1): Gradio refuses a slider whose minimum equals its maximum."""
-    if lo >= hi:
-        text = t("en", info.key) if hasattr(info, "key") else str(info)  # a rare setting: said in English
-        return gr.Number(
-            value=lo,
-            precision=0,
-            interactive=False,
-            label=label,
-            info=f"{text} This server allows only {lo}.",
-            elem_id=elem_id,
-        )
-    return gr.Slider(lo, hi, value=value, step=1, precision=0, label=label, info=info, elem_id=elem_id)
-
-
-def _wire_form(studio, inputs, aspect, tier, size_md, last_seed, random_btn, reuse_btn, tokens) -> None:
-    private = {"queue": False, "api_visibility": "private"}
-    width, height = inputs.width, inputs.height
-    aspect.input(studio.pick_preset, [aspect, tier], [width, height, size_md], **private)
-    tier.input(studio.pick_preset, [aspect, tier], [width, height, size_md], **private)
-    for box in (width, height):
-        box.input(studio.custom_size, [width, height], [aspect, size_md], **private)
-    inputs.guidance.change(studio.negative_state, [inputs.guidance], [inputs.negative], **private)
-    random_btn.click(lambda: -1, outputs=[inputs.seed], **private)
-    reuse_btn.click(lambda s: s, inputs=[last_seed], outputs=[inputs.seed], **private)
-    # the prompt's length in tokens, counted on the server with the model's tokenizer (one at a time)
-    inputs.prompt.change(
-        studio.tokens, [inputs.prompt], [tokens], trigger_mode="always_last", show_progress="hidden", **private
-    )
-
-
-def _wire_images(
-    studio,
-    gallery,
-    history,
-    selected_params,
-    params_md,
-    use_btn,
-    delete_btn,
-    dropped,
-    dropped_image,
-    form,
-    search,
-    history_shown,
-    history_line,
-    more_btn,
-    history_tab,
-    refresh_btn,
-) -> None:
-    private = {"queue": False, "api_visibility": "private"}
-    for g in (gallery, history):
-        g.select(studio.select_image, outputs=[selected_params, params_md], **private)
-    use_btn.click(studio.use_settings, [selected_params], form, **private)
-    dropped.upload(studio.load_png, [dropped], [selected_params, params_md, dropped_image, *form], **private)
-    history_outputs = [history, history_line, history_shown, more_btn]
-    # Read from disk when looked at (Gradio hashes and copies every file it shows into its cache):
-    # on opening the tab, a search, "load more", and after your own run while the tab is open.
-    reset = gr.State(0)
-    history_tab.select(
-        studio.history, [search, reset], history_outputs, js="() => { window.ziHistoryOpen = true; }", **private
-    )
-    for trigger in (refresh_btn.click, search.submit):
-        trigger(studio.history, [search, reset], history_outputs, **private)
-    more_btn.click(studio.more_history, [search, history_shown], history_outputs, **private)
-    # asked once, in the browser; the answer travels as a value of its own (a State cannot be
-    # changed by the browser)
-    answer = gr.Textbox(visible=False, elem_id="zi-delete-answer")
-    delete_btn.click(
-        studio.delete_image,
-        [selected_params, search, history_shown, answer],
-        [selected_params, params_md, *history_outputs],
-        js="(p, q, n, a) => [p, q, n, window.ziConfirmDelete && window.ziConfirmDelete() ? 'yes' : 'no']",
-        **private,
-    )
-
-
-def _neg_kwargs(update: dict[str, Any]) -> dict[str, Any]:
-    """Initial Textbox kwargs from a gr.update dict (so the first render matches later updates), the
-    info in the browser's language."""
-    kwargs = {k: v for k, v in update.items() if k in ("interactive", "elem_classes")}
-    kwargs["info"] = tr("negative_inactive")
-    return kwargs
-
-
-def bilingual(key: str) -> str:
-    """Static HTML in both languages; the stylesheet shows the one of the page's language."""
-    return f'<span class="zi-en">{_e(t("en", key))}</span><span class="zi-zh">{_e(t("zh-CN", key))}</span>'
-
-
-def _header_html(preset: Any, logins: bool) -> str:
-    """The brand, and the tools at its right: language, light/dark, and log out when logins are on
-    (Gradio's own /logout). The buttons work through static/studio.js."""
-    tools = (
-        '<button id="zi-lang" class="zi-tool" title="English / 简体中文">中文 / EN</button>'
-        f'<button id="zi-theme" class="zi-tool" title="{_e(t("en", "theme"))}">◐</button>'
-    )
-    if logins:
-        tools += f'<a id="zi-logout" class="zi-tool" href="logout">{bilingual("logout")}</a>'
-    return (
-        f'<div class="zi-brand">{_asset("logo.svg")}<div class="zi-title"><h1>zimage <span>studio</span></h1>'
-        f'<p>{_e(preset.description or preset.name)}</p></div><div class="zi-tools">{tools}</div></div>'
-    )
