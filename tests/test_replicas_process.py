@@ -86,9 +86,12 @@ def test_a_killed_replica_restarts_alone_and_no_accepted_job_is_lost(server):
     _wait(lambda: _m(server, "zimage_running_jobs") == 0, 120, "idle replicas")
     victim = submit(_client(server), **LONG, seed=7)
     _wait(lambda: _state(server, "cpu0", "busy"), 60, "cpu0 running the long job")  # the first free one
-    other = submit(_client(server), width=256, height=256, steps=50, seed=8)
+    # long enough to outlast the next two calls on a quiet box (256x256 x 50 steps took under a second)
+    other = submit(_client(server), width=512, height=512, steps=50, seed=8)
     _wait(lambda: _state(server, "cpu1", "busy"), 60, "cpu1 running the second job")
     queued = submit(_client(server), width=64, height=64, steps=2, seed=9)  # waits for a free replica
+    _wait(lambda: _m(server, "zimage_queue_depth") >= 1, 60, "the third job waiting")
+    assert _state(server, "cpu1", "busy"), "the second job ended too soon for this check"
     with pytest.raises(httpx.HTTPStatusError, match="429"):  # a fourth: over this address's cap of 3
         generate(_client(server), width=64, height=64, steps=2, seed=10)
     pid = int(_m(server, "zimage_replica_pid", {"replica": "cpu0"}))
