@@ -288,6 +288,28 @@ def test_upload_quota_counts_bytes_and_files_per_user():
     assert "uploaded 3 files in the last hour" in refusal
 
 
+def test_sending_the_same_files_again_is_free_of_the_quota_but_limited_per_minute():
+    """Gradio stores an upload under the SHA-256 of its bytes: a repeat adds nothing to the disk
+    (the image editor repeats its layers on every page update while it holds strokes)."""
+    from zimage.web.limits import REPEATS_PER_MINUTE, UploadQuota
+
+    q = UploadQuota(max_bytes=1000, max_files=2)
+    assert q.record("user:a", 400, 2, ["/c/h1/background.png", "/c/h2/layer_0.png"]) is True
+    for _ in range(REPEATS_PER_MINUTE - 1):
+        assert q.record("user:a", 400, 2, ["/c/h1/background.png", "/c/h2/layer_0.png"]) is False
+    assert "uploaded 2 files in the last hour" in q.check("user:a", 0)[0]  # the repeats added none
+    assert q.record("user:b", 400, 2, ["/c/h1/background.png", "/c/h2/layer_0.png"]) is True  # per key
+    q2 = UploadQuota(max_bytes=1000, max_files=10)
+    q2.record("user:a", 100, 1, ["/c/h1/background.png"])
+    for _ in range(REPEATS_PER_MINUTE):
+        q2.record("user:a", 100, 1, ["/c/h1/background.png"])
+    assert q2.check("user:a", 100)[0] is not None and "again within a minute" in q2.check("user:a", 100)[0]
+    q3 = UploadQuota(max_bytes=1000, max_files=10)
+    q3.record("user:a", 100, 1, ["/c/h1/background.png"])
+    q3.record("user:a", 100, 1, ["/c/h1/background.png", "/c/h3/new.png"])  # one new file: counted
+    assert q3.check("user:a", 801)[0] is not None and q3.check("user:a", 800)[0] is None
+
+
 def test_the_page_says_whether_people_share_one_space(engine, make_settings):
     from zimage.web.handlers import Studio
 

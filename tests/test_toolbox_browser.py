@@ -47,12 +47,33 @@ def test_use_this_result_then_image_to_image(studio, browser):  # noqa: F811 - t
         "(document.querySelector('#zi-toolbox-note')?.innerText || '').includes('About 3 of 4 steps')"
     )
     note = page.inner_text("#zi-toolbox-note")
-    assert "feather does nothing without a mask" in note and "width and height fields are not used" in note
+    assert "feather does nothing without one" in note and "width and height fields are not used" in note
 
     page.fill("#zi-prompt textarea", "a lighthouse at dawn")
     page.click("#zi-generate")
     page.wait_for_function("document.querySelector('#zi-summary').innerText.includes('img2img')")
     summary = page.inner_text("#zi-summary")
     assert "strength 0.6" in summary and "source sha256" in summary and "mask no" in summary
+
+    # paint a stroke on the source's copy in the mask editor: Generate then inpaints. The editor
+    # sends its layers again on page updates (the live profiler): repeats must not hit the quota.
+    refused: list[str] = []
+    page.on("response", lambda r: refused.append(r.url) if "/upload" in r.url and r.status == 429 else None)
+    canvas = page.locator("#zi-paint canvas").first
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    assert box and box["width"] > 50, box
+    x, y = box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.5
+    page.mouse.move(x, y)
+    page.mouse.down()
+    for i in range(1, 12):
+        page.mouse.move(x + i * 6, y, steps=2)
+    page.mouse.up()
+    page.fill("#zi-prompt textarea", "a lighthouse in fog")
+    page.click("#zi-generate")
+    page.wait_for_function("document.querySelector('#zi-summary').innerText.includes('mask yes')")
+    assert "inpaint" in page.inner_text("#zi-summary")
+    page.wait_for_timeout(2000)  # the editor's repeats after the run
+    assert not refused, refused
     assert not errors, errors
     page.close()

@@ -37,6 +37,34 @@ def test_editor_background_is_the_source_and_painted_layers_are_the_mask(tmp_pat
     assert fields["loras"] == (("a.safetensors", "0.5"), ("b", 1.0))
 
 
+def test_the_page_joins_its_source_with_the_strokes_of_the_paint_editor(tmp_path):
+    source_image().save(tmp_path / "src.png")
+    layer = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    ImageDraw.Draw(layer).rectangle((30, 30, 40, 40), fill=(255, 255, 255, 255))
+    layer.save(tmp_path / "layer.png")
+    source = file_data(tmp_path / "src.png")
+    paint = {"background": source, "layers": [file_data(tmp_path / "layer.png")], "composite": None}
+    joined = toolbox.with_painting(source, paint)
+    fields = toolbox.request_fields(joined, None, 0.6, 0, [], 0, "", allow_under(tmp_path))
+    mask = np.asarray(fields["mask"])
+    assert fields["image"] == str(tmp_path / "src.png") and mask[35, 35] == 255 and mask[5, 5] == 0
+    assert toolbox.with_painting(source, {"background": source, "layers": []}) is source  # nothing painted
+    assert toolbox.with_painting(None, paint) is None  # strokes without a source do nothing
+    with pytest.raises(
+        InvalidRequest, match="Mask must be a picture uploaded"
+    ):  # a stroke layer that is not the asker's file
+        toolbox.request_fields(
+            toolbox.with_painting(source, {"layers": [file_data("/etc/passwd")]}),
+            None,
+            0.6,
+            0,
+            [],
+            0,
+            "",
+            allow_under(tmp_path),
+        )
+
+
 def test_an_uploaded_mask_wins_and_no_source_means_no_image_fields(tmp_path):
     source_image().save(tmp_path / "bg.png")
     Image.new("L", (64, 64), 255).save(tmp_path / "m.png")
@@ -113,7 +141,7 @@ def test_the_note_says_what_each_setting_does_for_the_case_at_hand(tmp_path):
     assert toolbox.explain(None, None, 0.6, 8, [], 256, True, 8, "en", allow) == ""
     assert "do nothing" in toolbox.explain(None, None, 0.6, 8, ["left"], 256, True, 8, "en", allow)
     plain = toolbox.explain({"background": file_data(tmp_path / "bg.png"), "layers": []}, None, 0.5, 8, [], 0, True, 8)
-    assert "About 4 of 8 steps" in plain and "feather does nothing without a mask" in plain
+    assert "About 4 of 8 steps" in plain and "feather does nothing without one" in plain
     assert "width and height fields are not used" in plain
     layer = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
     ImageDraw.Draw(layer).rectangle((10, 10, 20, 20), fill=(255, 255, 255, 255))

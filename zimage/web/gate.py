@@ -226,7 +226,7 @@ class GatePolicy:
                 files = []
             for p in files:
                 self.access.grant(p, viewer)
-            self.quota.record(viewer.key, received, len(files))
+            self.quota.record(viewer.key, received, len(files), files)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 

@@ -251,14 +251,19 @@ class Studio(FormHandlers, ImageHandlers, PanelHandlers):
         words and leaves the previous result on the page."""
         lang = lang_of(request)
         api_tools, source_size = tuple(tools[:7]), (tools[7] if len(tools) > 7 else True)
+        painted = tools[8] if len(tools) > 8 else None
         values = FormValues(prompt, negative_prompt, width, height, steps, guidance, seed, count, shift, api_tools)
         owner = self._owner(request)
         try:
             from dataclasses import replace
 
             from zimage.service.request import validate
+            from zimage.web.toolbox import with_painting
 
-            req = values.request(_who(request), self.defaults, owner, self._files_of(request))
+            values_run = values
+            if api_tools and not api_tools[1]:  # no mask file: the strokes painted on the source, if any
+                values_run = replace(values, tools=(with_painting(api_tools[0], painted), *api_tools[1:]))
+            req = values_run.request(_who(request), self.defaults, owner, self._files_of(request))
             if source_size and req.image is not None:  # the page's size fields are ignored (the note says so)
                 req = replace(req, width=0, height=0)
             validate(req, self.engine.limits)

@@ -11,6 +11,11 @@ from collections import OrderedDict, deque
 log = logging.getLogger("zimage.web.gate")  # one logger for what the gate decides
 
 QUOTA_WINDOW_S = 3600.0
+# Gradio stores an upload under the SHA-256 of its bytes, so sending the same file again adds
+# nothing to the disk; Gradio's ImageEditor does exactly that on every page update while it holds
+# strokes (the live profiler updates the page each second). Such repeats are free of the hourly
+# quota but limited per minute, so that nobody streams one file at the server for free.
+REPEATS_PER_MINUTE = 300
 FREE_LOGIN_FAILURES = 5  # a few typos cost nothing (fail2ban's default too)
 MAX_TRACKED = 20_000  # keys remembered at most (an attacker may make up names)
 
@@ -23,6 +28,8 @@ class UploadQuota:
         self.max_files = max_files
         self.window_s = window_s
         self._used: dict[str, deque[tuple[float, int, int]]] = {}
+        self._stored: dict[str, dict[str, float]] = {}  # key -> stored path -> when it was last sent
+        self._repeats: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
 
     def _totals(self, key: str) -> tuple[int, int]:
@@ -38,6 +45,9 @@ class UploadQuota:
         """(a refusal or None, how many more bytes this upload may bring)."""
         with self._lock:
             used_bytes, used_files = self._totals(key)
+            repeats = self._recent_repeats(key)
+        if repeats >= REPEATS_PER_MINUTE:
+            return f"You sent {repeats} files again within a minute, the most allowed; try again later.", 0
         if self.max_files and used_files >= self.max_files:
             return (
                 f"You have uploaded {used_files} files in the last hour, the most allowed; try again later.",
@@ -57,11 +67,33 @@ class UploadQuota:
             f"{size} does not fit; try again later."
         )
 
-    def record(self, key: str, nbytes: int, nfiles: int) -> None:
+    def _recent_repeats(self, key: str) -> int:
+        entries = self._repeats.get(key)
+        now = time.time()
+        while entries and now - entries[0] > 60.0:
+            entries.popleft()
+        return len(entries) if entries else 0
+
+    def record(self, key: str, nbytes: int, nfiles: int, paths: list[str] | None = None) -> bool:
+        """Count an upload; False when it only repeated files this key stored within the window
+        (the same bytes land on the same path: nothing new on the disk), which counts as a repeat."""
+        now = time.time()
         with self._lock:
-            self._used.setdefault(key, deque()).append((time.time(), nbytes, nfiles))
-            if len(self._used) > MAX_TRACKED:
-                self._used.pop(next(iter(self._used)))
+            stored = self._stored.setdefault(key, {})
+            for path, when in list(stored.items()):
+                if now - when > self.window_s:
+                    del stored[path]
+            repeat = bool(paths) and all(p in stored for p in paths)
+            for p in paths or ():
+                stored[p] = now
+            if repeat:
+                self._repeats.setdefault(key, deque()).append(now)
+            else:
+                self._used.setdefault(key, deque()).append((now, nbytes, nfiles))
+            for table in (self._used, self._stored, self._repeats):
+                if len(table) > MAX_TRACKED:
+                    table.pop(next(iter(table)))
+        return not repeat
 
 
 class LoginThrottle:

@@ -7,8 +7,8 @@ API arguments (all optional, after shift): image (the source picture file), mask
 white = repaint), strength (0.6; above 0, at most 1), feather (pixels of mask-edge blur),
 outpaint_sides (list of left/top/right/bottom), outpaint_px (pixels added on each chosen side), loras
 ("name.safetensors:0.8, other.safetensors"). `request_fields` also reads an ImageEditor value
-({"background": file, "layers": [painted files]}: painted strokes = the mask), for when the page
-can offer painting again (see `build`).
+({"background": file, "layers": [painted files]}: painted strokes = the mask): the page's Generate
+joins its source with the strokes of the "paint the mask" editor (`with_painting`).
 
 Every file named here passes guard.py's rule for the asker (`may_read`): their own uploads and
 images only, refused with a sentence otherwise.
@@ -53,6 +53,7 @@ class Toolbox:
     source_size: gr.Checkbox
     lora_note: gr.Markdown
     api_image: gr.Image  # hidden: the API's image is a plain picture file (the editor's value is a dict)
+    paint: gr.ImageMask  # the source again, to paint the mask on (read by the page's Generate only)
 
     @property
     def inputs(self) -> list[Any]:
@@ -63,12 +64,12 @@ class Toolbox:
     def page_inputs(self) -> list[Any]:
         """The page's Generate: the editor (source and painted mask), the API's other six, then
         "output at the source's size"."""
-        return [self.source, *self.inputs[1:], self.source_size]
+        return [self.source, *self.inputs[1:], self.source_size, self.paint]
 
     @property
     def reload_outputs(self) -> list[Any]:
-        """What a reload puts back (`reload`)."""
-        return self.page_inputs
+        """What a reload puts back (`reload`): not the painted strokes."""
+        return [self.source, *self.inputs[1:], self.source_size]
 
     @property
     def restored(self) -> list[Any]:
@@ -80,13 +81,22 @@ def build(engine: Any) -> Toolbox:
     """Declare the widgets (inside the caller's layout) and wire their own small events."""
     private = {"queue": False, "api_visibility": "private"}
     with gr.Accordion(tr("tb_title"), open=False, elem_id="zi-toolbox"):
-        # A plain picture: gr.ImageEditor (painting the mask in the page) re-uploads its layers in a
-        # loop in the page (hundreds of uploads a minute in Chromium, hitting the upload quota), so
-        # masks are uploaded files for now; request_fields still reads an editor value's strokes.
+        # The source is a plain picture; the mask is painted on a copy of it in its own editor, which
+        # only Generate reads. Gradio's editor sends its layers again on every page update while it
+        # holds strokes; the upload quota lets such repeats through (web/limits.py).
         source = gr.Image(
             label=tr("tb_source"), type="filepath", sources=["upload", "clipboard"], height=320, elem_id="zi-source"
         )
         use_result = gr.Button(tr("tb_use_result"), size="sm", elem_id="zi-use-result")
+        paint = gr.ImageMask(
+            label=tr("tb_paint"),
+            type="filepath",
+            sources=[],
+            transforms=(),
+            brush=gr.Brush(default_size=24, colors=["#ffffff"], color_mode="fixed"),
+            height=320,
+            elem_id="zi-paint",
+        )
         mask = gr.Image(
             label=tr("tb_mask"), type="filepath", sources=["upload", "clipboard"], height=160, elem_id="zi-mask"
         )
@@ -126,7 +136,20 @@ def build(engine: Any) -> Toolbox:
         lora_note = gr.Markdown(lora_note_md(engine), elem_id="zi-lora-note")
     api_image = gr.Image(type="filepath", visible=False, elem_id="zi-api-image")
     tools = Toolbox(
-        source, mask, strength, feather, sides, pad, loras, pick, use_result, note, source_size, lora_note, api_image
+        source,
+        mask,
+        strength,
+        feather,
+        sides,
+        pad,
+        loras,
+        pick,
+        use_result,
+        note,
+        source_size,
+        lora_note,
+        api_image,
+        paint,
     )
 
     def refresh(request: gr.Request = None):
@@ -151,11 +174,32 @@ def wire(tools: Toolbox, gallery: Any, steps: Any, files_of: Any) -> None:
     explained = {"fn": note, "inputs": watched, "outputs": [tools.note], "preprocess": False}
     tools.use_result.click(_use_result, [gallery], [tools.source], **private).then(
         **explained, show_progress="hidden", **private
+    ).then(_to_paint, [tools.source], [tools.paint], show_progress="hidden", **private)
+    gr.on(
+        [tools.source.upload, tools.source.clear],
+        _to_paint,
+        [tools.source],
+        [tools.paint],
+        show_progress="hidden",
+        **private,
     )
     # the picture reports an upload or a clear (not a value the server set: "use this result" says it)
     triggers = [tools.source.upload, tools.source.clear]
     triggers += [w.change for w in watched[1:]]
     gr.on(triggers, **explained, trigger_mode="always_last", show_progress="hidden", **private)
+
+
+def _to_paint(source: Any) -> Any:
+    return {"background": source, "layers": [], "composite": source} if source else None
+
+
+def with_painting(source: Any, paint: Any) -> Any:
+    """The page's source with the strokes painted in the editor (an editor value `request_fields`
+    reads as the mask); the source alone when nothing is painted."""
+    layers = (paint or {}).get("layers") if isinstance(paint, dict) else None
+    if not source or not layers:
+        return source
+    return {"background": source, "layers": layers}
 
 
 def _use_result(gallery: Any):
