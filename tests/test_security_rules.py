@@ -291,7 +291,7 @@ def test_upload_quota_counts_bytes_and_files_per_user():
 def test_sending_the_same_files_again_is_free_of_the_quota_but_limited_per_minute():
     """Gradio stores an upload under the SHA-256 of its bytes: a repeat adds nothing to the disk
     (the image editor repeats its layers on every page update while it holds strokes)."""
-    from zimage.web.limits import REPEATS_PER_MINUTE, UploadQuota
+    from zimage.web.limits import REPEAT_BYTES_PER_MINUTE, REPEATS_PER_MINUTE, UploadQuota
 
     q = UploadQuota(max_bytes=1000, max_files=2)
     assert q.record("user:a", 400, 2, ["/c/h1/background.png", "/c/h2/layer_0.png"]) is True
@@ -304,6 +304,11 @@ def test_sending_the_same_files_again_is_free_of_the_quota_but_limited_per_minut
     for _ in range(REPEATS_PER_MINUTE):
         q2.record("user:a", 100, 1, ["/c/h1/background.png"])
     assert q2.check("user:a", 100)[0] is not None and "again within a minute" in q2.check("user:a", 100)[0]
+    q4 = UploadQuota(max_bytes=0, max_files=0)  # no hourly quota: the repeats' bytes still have a cap
+    q4.record("user:a", 200_000_000, 1, ["/c/big/x.png"])
+    for _ in range(REPEAT_BYTES_PER_MINUTE // 200_000_000 + 1):
+        q4.record("user:a", 200_000_000, 1, ["/c/big/x.png"])
+    assert "MB) again within a minute" in q4.check("user:a", 1)[0]
     q3 = UploadQuota(max_bytes=1000, max_files=10)
     q3.record("user:a", 100, 1, ["/c/h1/background.png"])
     q3.record("user:a", 100, 1, ["/c/h1/background.png", "/c/h3/new.png"])  # one new file: counted

@@ -16,6 +16,7 @@ QUOTA_WINDOW_S = 3600.0
 # strokes (the live profiler updates the page each second). Such repeats are free of the hourly
 # quota but limited per minute, so that nobody streams one file at the server for free.
 REPEATS_PER_MINUTE = 300
+REPEAT_BYTES_PER_MINUTE = 512_000_000  # and bytes: one 16 MB file sent again twice a second stays under it
 FREE_LOGIN_FAILURES = 5  # a few typos cost nothing (fail2ban's default too)
 MAX_TRACKED = 20_000  # keys remembered at most (an attacker may make up names)
 
@@ -29,7 +30,7 @@ class UploadQuota:
         self.window_s = window_s
         self._used: dict[str, deque[tuple[float, int, int]]] = {}
         self._stored: dict[str, dict[str, float]] = {}  # key -> stored path -> when it was last sent
-        self._repeats: dict[str, deque[float]] = {}
+        self._repeats: dict[str, deque[tuple[float, int]]] = {}
         self._lock = threading.Lock()
 
     def _totals(self, key: str) -> tuple[int, int]:
@@ -45,9 +46,13 @@ class UploadQuota:
         """(a refusal or None, how many more bytes this upload may bring)."""
         with self._lock:
             used_bytes, used_files = self._totals(key)
-            repeats = self._recent_repeats(key)
-        if repeats >= REPEATS_PER_MINUTE:
-            return f"You sent {repeats} files again within a minute, the most allowed; try again later.", 0
+            repeats, repeat_bytes = self._recent_repeats(key)
+        if repeats >= REPEATS_PER_MINUTE or repeat_bytes >= REPEAT_BYTES_PER_MINUTE:
+            return (
+                f"You sent {repeats} files ({repeat_bytes / 1e6:.0f} MB) again within a minute, the most "
+                "allowed; try again later.",
+                0,
+            )
         if self.max_files and used_files >= self.max_files:
             return (
                 f"You have uploaded {used_files} files in the last hour, the most allowed; try again later.",
@@ -67,12 +72,12 @@ class UploadQuota:
             f"{size} does not fit; try again later."
         )
 
-    def _recent_repeats(self, key: str) -> int:
+    def _recent_repeats(self, key: str) -> tuple[int, int]:
         entries = self._repeats.get(key)
         now = time.time()
-        while entries and now - entries[0] > 60.0:
+        while entries and now - entries[0][0] > 60.0:
             entries.popleft()
-        return len(entries) if entries else 0
+        return (len(entries), sum(e[1] for e in entries)) if entries else (0, 0)
 
     def record(self, key: str, nbytes: int, nfiles: int, paths: list[str] | None = None) -> bool:
         """Count an upload; False when it only repeated files this key stored within the window
@@ -87,7 +92,7 @@ class UploadQuota:
             for p in paths or ():
                 stored[p] = now
             if repeat:
-                self._repeats.setdefault(key, deque()).append(now)
+                self._repeats.setdefault(key, deque()).append((now, nbytes))
             else:
                 self._used.setdefault(key, deque()).append((now, nbytes, nfiles))
             for table in (self._used, self._stored, self._repeats):
