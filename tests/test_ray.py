@@ -294,7 +294,8 @@ def test_two_ray_replicas_share_the_jobs(ray_server):
     assert all(row.get("pid") for row in rows.values()), rows  # each was asked who it is at start
     ready = ray_server.observed[-1][3]
     assert ready["memory_mode"] == "cpu" and ready["device"] == "CPU", ready
-    jobs = [submit(new_client(ray_server), seed=10 + i, **LONG) for i in range(2)]
+    clients = [new_client(ray_server) for _ in range(2)]  # connected first: a connect can outlast a job
+    jobs = [submit(c, seed=10 + i, **LONG) for i, c in enumerate(clients)]
     results = [job.result(timeout=180) for job in jobs]
     for (gallery, details), i in zip(results, range(2)):
         assert len(gallery) == LONG["count"] and details["seeds"][0] == 10 + i

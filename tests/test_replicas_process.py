@@ -16,7 +16,7 @@ from .support import App, generate, metric, submit, wait_until
 
 pytestmark = pytest.mark.slow
 
-LONG = dict(width=256, height=256, steps=50, count=2)  # several seconds on the CPU
+LONG = dict(width=512, height=512, steps=50, count=2)  # several seconds on a quiet CPU (256x256: about 1.5 s)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,8 @@ def _state(server, replica: str, state: str) -> bool:
 
 def test_two_replicas_serve_two_jobs_at_once(server):
     assert _state(server, "cpu0", "ready") and _state(server, "cpu1", "ready")
-    jobs = [submit(_client(server), **LONG, seed=s) for s in (1, 2)]
+    clients = [_client(server), _client(server)]  # connected first: a connect can outlast a short job
+    jobs = [submit(c, **LONG, seed=s) for c, s in zip(clients, (1, 2))]
     _wait(lambda: _m(server, "zimage_running_jobs") == 2, 120, "two jobs running at once")
     for job in jobs:
         job.cancel()
