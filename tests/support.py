@@ -232,6 +232,20 @@ class App:
         self.proc.wait(timeout=30)
 
 
+def bench_model(path: Path) -> Path:
+    """The full-size builder's layout with the tiny model's configs: `bench` rows in seconds on the CPU."""
+    import json
+
+    from zimage.model import tiny
+    from zimage.model.fullsize import CONFIGS, build
+
+    cfgs = json.loads(CONFIGS.read_text())
+    cfgs["transformer/config.json"] = dict(_class_name="ZImageTransformer2DModel", **tiny.TRANSFORMER_CONFIG)
+    cfgs["text_encoder/config.json"] = dict(tiny.TEXT_ENCODER_CONFIG, vocab_size=16384, model_type="qwen3")
+    cfgs["vae/config.json"] = dict(tiny.VAE_CONFIG)
+    return build(path, device="cpu", configs=cfgs)
+
+
 def run_python(args: list[str], cwd: Path = ROOT, env: dict | None = None, timeout: float = 240):
     """`python *args` to its end, without the caller's ZIMAGE_AUTH; offline."""
     full = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))

@@ -1,16 +1,10 @@
 """The benchmark's plumbing on the CPU: rows in fresh processes, JSON and table (numbers mean nothing here)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from zimage.model import tiny
-from zimage.model.fullsize import CONFIGS, build
-
-from .support import ROOT
+from .support import bench_model, run_python
 
 pytestmark = pytest.mark.slow  # python -m zimage bench in a subprocess
 
@@ -19,15 +13,10 @@ def test_bench_run_writes_rows_and_table(tmp_path):
     """Engine-only rows and a row through the real app (app.py, gradio_client), with the tiny
     model's architecture on the CPU; the app row also shows the start order: the model load
     begins before Gradio is imported and the page is built."""
-    cfgs = json.loads(CONFIGS.read_text())
-    cfgs["transformer/config.json"] = dict(_class_name="ZImageTransformer2DModel", **tiny.TRANSFORMER_CONFIG)
-    cfgs["text_encoder/config.json"] = dict(tiny.TEXT_ENCODER_CONFIG, vocab_size=16384, model_type="qwen3")
-    cfgs["vae/config.json"] = dict(tiny.VAE_CONFIG)
-    model = build(tmp_path / "model", device="cpu", configs=cfgs)
+    model = bench_model(tmp_path / "model")
     out = tmp_path / "results.json"
-    proc = subprocess.run(
+    proc = run_python(
         [
-            sys.executable,
             "-m",
             "zimage",
             "bench",
@@ -45,10 +34,6 @@ def test_bench_run_writes_rows_and_table(tmp_path):
             "--out",
             str(out),
         ],
-        cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -67,12 +67,7 @@ def _summary_seed(page) -> int:
 def test_generate_in_the_browser_with_a_live_profiler(studio, browser, tmp_path):
     from zimage.service.store import read_parameters
 
-    page = browser.new_page(viewport={"width": 1440, "height": 1000})
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.set_default_timeout(TIMEOUT_MS)
-    page.goto(studio.url)
-    page.wait_for_selector(".zi-banner-ready")
+    ctx, page, errors = open_page(browser, studio.url)
     assert "tiny" in page.inner_text("#zi-banner")
 
     # the negative prompt is visibly inactive while guidance is 0, and says why
@@ -153,7 +148,7 @@ def test_generate_in_the_browser_with_a_live_profiler(studio, browser, tmp_path)
     page.wait_for_selector("#zi-dropped img")  # and the image itself is shown
 
     assert not errors, errors
-    page.close()
+    ctx.close()
 
 
 def test_bad_size_in_the_browser_is_a_clear_message(studio, browser):
@@ -175,7 +170,8 @@ def test_bad_size_in_the_browser_is_a_clear_message(studio, browser):
 # the studio teammates like (issue 12)
 
 
-def _open(browser, url, **context):
+def open_page(browser, url, **context):
+    """A page of its own (context) on the studio, ready; its page errors land in the list returned."""
     ctx = browser.new_context(**{"viewport": {"width": 1440, "height": 1000}, **context})
     page = ctx.new_page()
     page.set_default_timeout(TIMEOUT_MS)
@@ -227,7 +223,7 @@ def test_the_api_takes_the_prompt_alone(studio):
 
 
 def test_preview_changes_during_a_run_and_cancel_keeps_the_result(studio, browser):
-    ctx, page, errors = _open(browser, studio.url)
+    ctx, page, errors = open_page(browser, studio.url)
     page.fill("#zi-prompt textarea", "the result to keep")
     page.click("#zi-generate")
     page.wait_for_function("document.querySelector('#zi-live').innerText.includes('Done')")
@@ -267,7 +263,7 @@ def test_preview_changes_during_a_run_and_cancel_keeps_the_result(studio, browse
 
 
 def test_a_reload_finds_the_run_and_closing_the_tab_cancels_it(studio, browser):
-    ctx, page, errors = _open(browser, studio.url)
+    ctx, page, errors = open_page(browser, studio.url)
     _slow(page, steps=40)
     page.fill("#zi-prompt textarea", "survive a reload")
     page.click("#zi-generate")
@@ -299,7 +295,7 @@ def test_history_search_delete_and_load_more(studio, browser):
     client = Client(studio.url, verbose=False)
     for word in ("walrus", "heron", "otter", "ibis"):
         client.predict(f"a {word} at the beach", "", 64, 64, 2, 0.0, -1, 8, api_name="/generate")
-    ctx, page, errors = _open(browser, studio.url)
+    ctx, page, errors = open_page(browser, studio.url)
     page.get_by_role("tab", name="History").click()
     page.wait_for_function("document.querySelector('#zi-history-line').innerText.includes('newest first')")
     total = int(re.search(r"of (\d+) images", page.inner_text("#zi-history-line")).group(1))
@@ -336,7 +332,7 @@ def test_history_search_delete_and_load_more(studio, browser):
 
 
 def test_the_chinese_page(studio, browser, tmp_path):
-    ctx, page, errors = _open(browser, studio.url, locale="zh-CN")
+    ctx, page, errors = open_page(browser, studio.url, locale="zh-CN")
     assert page.inner_text("#zi-generate") == "生成" and page.inner_text("#zi-cancel") == "取消"
     assert "提示词" in page.inner_text("#zi-prompt") and "等待中" in page.inner_text("#zi-profiler")
     tabs = [t.inner_text() for t in page.locator("#zi-tabs button[role=tab]").all()]
@@ -370,7 +366,7 @@ def test_the_chinese_page(studio, browser, tmp_path):
 
 
 def test_a_phone_sees_its_result_after_generate(studio, browser, tmp_path):
-    ctx, page, errors = _open(
+    ctx, page, errors = open_page(
         browser,
         studio.url,
         viewport={"width": 390, "height": 844},

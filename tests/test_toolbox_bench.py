@@ -2,33 +2,19 @@
 model in the full-size layout; the numbers mean nothing here, the plumbing does."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from zimage.model import tiny
-from zimage.model.fullsize import CONFIGS, build
-
-from .support import ROOT
+from .support import bench_model, run_python
 
 
 @pytest.mark.slow
 def test_toolbox_row_measures_img2img_and_lora_switches(tmp_path):
-    cfgs = json.loads(CONFIGS.read_text())
-    cfgs["transformer/config.json"] = dict(_class_name="ZImageTransformer2DModel", **tiny.TRANSFORMER_CONFIG)
-    cfgs["text_encoder/config.json"] = dict(tiny.TEXT_ENCODER_CONFIG, vocab_size=16384, model_type="qwen3")
-    cfgs["vae/config.json"] = dict(tiny.VAE_CONFIG)
-    model = build(tmp_path / "model", device="cpu", configs=cfgs)
+    model = bench_model(tmp_path / "model")
     settings = json.dumps({"lora_mode": "hotswap", "bench_lora_rank": 4, "warmup": False})
-    proc = subprocess.run(
-        [sys.executable, "-m", "zimage", "bench", "row", "--kind", "toolbox", "--model", str(model)]
+    proc = run_python(
+        ["-m", "zimage", "bench", "row", "--kind", "toolbox", "--model", str(model)]
         + ["--size", "64", "--steps", "4", "--runs", "1", "--workdir", str(tmp_path / "work"), "--settings", settings],
-        cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from .support import App
-from .test_browser import CHROMIUM_ARGS, TIMEOUT_MS, browser  # noqa: F401 - the module's browser fixture
+from .test_browser import browser, open_page  # noqa: F401 - the module's browser fixture
 
 pytestmark = pytest.mark.slow  # a real server and a real browser
 
@@ -20,13 +20,7 @@ def studio(tmp_path_factory, tiny_dir):
 
 
 def test_use_this_result_then_image_to_image(studio, browser):  # noqa: F811 - the imported fixture
-    assert CHROMIUM_ARGS  # the same Chromium flags as the other browser tests
-    page = browser.new_page(viewport={"width": 1440, "height": 1000})
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.set_default_timeout(TIMEOUT_MS)
-    page.goto(studio.url)
-    page.wait_for_selector(".zi-banner-ready")
+    ctx, page, errors = open_page(browser, studio.url)
 
     page.click("#zi-toolbox button.label-wrap")  # open the accordion
     page.wait_for_selector("#zi-use-result")
@@ -76,4 +70,4 @@ def test_use_this_result_then_image_to_image(studio, browser):  # noqa: F811 - t
     page.wait_for_timeout(2000)  # the editor's repeats after the run
     assert not refused, refused
     assert not errors, errors
-    page.close()
+    ctx.close()
