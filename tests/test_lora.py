@@ -230,3 +230,15 @@ def test_a_bad_lora_error_crosses_process_boundaries_as_itself():
     again = pickle.loads(pickle.dumps(error))
     assert type(again) is BadLora and str(again) == str(error) == str(BadLora(str(error)))
     assert "x.safetensors" in str(error) and again.field == "loras"
+
+
+def test_lora_files_outside_the_folder_are_offered_by_name_in_every_library(tmp_path, make_settings):
+    """settings.lora_files reach each replica's own library (in any process): `generate --lora PATH`."""
+    from zimage.model.lora import LoraLibrary
+
+    outside = tmp_path / "elsewhere" / "style.safetensors"
+    outside.parent.mkdir()
+    outside.write_bytes(b"x")
+    settings = make_settings(lora_dir=str(tmp_path / "loras"), lora_files=(str(outside),))
+    for library in (LoraLibrary.from_settings(settings), LoraLibrary.from_settings(settings)):
+        assert library.names() == ["style.safetensors"] and library.resolve("style.safetensors") == outside.resolve()

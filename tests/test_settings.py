@@ -53,6 +53,10 @@ def test_env_bool_and_list(monkeypatch, tmp_path):
         ({"auth": ["nopassword"]}, "user:password"),
         ({"memory_fraction": "2"}, "within 0..1"),
         ({"config": "/nonexistent/z.yaml"}, "does not exist"),
+        (
+            {"lora_files": ["/nonexistent/style.safetensors"]},
+            "Setting 'lora_files': '/nonexistent/style.safetensors' is",
+        ),
     ],
 )
 def test_bad_settings_are_named(cli, message, tmp_path, monkeypatch):

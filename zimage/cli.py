@@ -152,7 +152,13 @@ def _generate(ns: argparse.Namespace, settings: Settings) -> int:
     # Validate what the user typed before paying for the model.
     # one image, one pipeline: 'auto' would load a replica on every GPU for a single run
     replicas = "1" if settings.replicas == "auto" else settings.replicas
-    engine = Engine(settings.replace(warmup=False, replicas=replicas))
+    try:
+        picked = [_lora_arg(Path(settings.lora_dir).expanduser(), text) for text in ns.lora]
+    except InvalidRequest as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    files = tuple(path for _name, _weight, path in picked if path)  # every replica's library gets them
+    engine = Engine(settings.replace(warmup=False, replicas=replicas, lora_files=settings.lora_files + files))
     w, h = engine.default_size
     if ns.image is None and (ns.strength is not None or ns.mask is not None or ns.outpaint):
         print("error: --strength, --mask and --outpaint need a source picture: add --image IN.png.", file=sys.stderr)
@@ -160,7 +166,7 @@ def _generate(ns: argparse.Namespace, settings: Settings) -> int:
     if ns.image is not None:  # the size follows the source unless given
         w = h = 0
     try:
-        loras = tuple(_lora_arg(engine, text) for text in ns.lora)
+        loras = tuple((name, weight) for name, weight, _path in picked)
         raw = GenerationRequest(
             prompt=ns.prompt,
             negative_prompt=ns.negative_prompt,
@@ -192,8 +198,6 @@ def _generate(ns: argparse.Namespace, settings: Settings) -> int:
         return EXIT_BAD_INPUT
     try:
         engine.load()
-        if engine.runner is not None and engine.runner.loras is not None:  # the replica's library: the files named here
-            engine.runner.loras.extra.update(engine.loras.extra)
         if engine.compiler is not None:  # --compile asked for: run on the compiled blocks
             engine.compiler.wait()
         result = engine.generate(request, save=False)
@@ -279,9 +283,9 @@ def _warmup(settings: Settings) -> int:
     return 0
 
 
-def _lora_arg(engine, text: str) -> tuple[str, float]:
-    """FILE[:WEIGHT] -> (name, weight); a path outside lora_dir is added to the library by its name."""
-    from zimage.errors import InvalidRequest
+def _lora_arg(folder: Path, text: str) -> tuple[str, float, str | None]:
+    """FILE[:WEIGHT] -> (name, weight, the file's path when it lies outside lora_dir, else None)."""
+    from zimage.errors import BadLora, InvalidRequest
 
     name, weight = text, 1.0
     head, sep, tail = text.rpartition(":")
@@ -290,10 +294,13 @@ def _lora_arg(engine, text: str) -> tuple[str, float]:
             name, weight = head, float(tail)
         except ValueError:
             raise InvalidRequest("--lora", text, "FILE or FILE:WEIGHT with a number as the weight") from None
-    in_folder = Path(name).name == name and (engine.loras.folder / name).is_file()
+    in_folder = Path(name).name == name and (folder / name).is_file()
     if not in_folder and ("/" in name or "\\" in name or Path(name).is_file()):
-        name = engine.loras.add_file(name)
-    return name, weight
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise BadLora(name, "the file does not exist.")
+        return path.name, weight, str(path.resolve())
+    return name, weight, None
 
 
 def _doctor(settings: Settings) -> int:

@@ -74,7 +74,7 @@ class LoraLibrary:
         self.max_rank = max_rank
         self.cache_size = cache
         self.mode = "adapters" if mode == "auto" else mode  # attach() settles auto
-        self.extra: dict[str, Path] = {}  # files named on the command line, outside the folder
+        self.extra: dict[str, Path] = {}  # files outside the folder (settings.lora_files)
         self._hashes: dict[tuple[str, int, int], str] = {}
         self._read: OrderedDict[tuple[str, int, int, bool], LoraWeights] = OrderedDict()
         self._lock = threading.Lock()
@@ -91,7 +91,10 @@ class LoraLibrary:
 
     @classmethod
     def from_settings(cls, s: Any) -> LoraLibrary:
-        return cls(s.lora_dir, s.lora_mode, s.lora_max_rank, s.lora_cache)
+        library = cls(s.lora_dir, s.lora_mode, s.lora_max_rank, s.lora_cache)
+        for path in s.lora_files:  # every replica's library knows them, in any process
+            library.add_file(path)
+        return library
 
     # --- the files -------------------------------------------------------------------------
 

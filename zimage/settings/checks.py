@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import fields
+from pathlib import Path
 
 from zimage.errors import SettingsError
 from zimage.settings.fields import FIELD_TYPES, Settings
@@ -86,6 +87,9 @@ def check(s: Settings) -> Settings:
             "Settings 'lora_max_rank' and 'lora_cache' must be at least 1, 'max_loras' at least 0 "
             f"(got {s.lora_max_rank}, {s.lora_cache}, {s.max_loras})."
         )
+    for path in s.lora_files:
+        if not Path(path).expanduser().is_file():
+            raise SettingsError(f"Setting 'lora_files': {path!r} is not a file.")
     if s.gpu_max_memory:
         from zimage.model.memory import parse_max_memory
 

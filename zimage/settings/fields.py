@@ -237,6 +237,11 @@ class Settings:
         "(a larger slot costs memory and time on every image).",
         group="toolbox",
     )
+    lora_files: tuple[str, ...] = opt(
+        tuple,
+        "LoRA files outside lora_dir, offered by their file name (repeatable; `generate --lora PATH` adds its file).",
+        group="toolbox",
+    )
     max_loras: int = opt(4, "Most LoRAs one request may use together.", group="toolbox")
     lora_cache: int = opt(8, "LoRAs kept read (and, in adapters mode, loaded) for the next job.", group="toolbox")
 
